@@ -1,0 +1,33 @@
+# Two commands do the whole set-up on a fresh machine:
+#   make demo   -- create/refresh .venv, install everything, run the pipeline on a tiny model
+#   make test   -- create/refresh .venv, install everything, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.effsft-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-slow bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m effsft demo --output runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" --timeout=900 $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow --timeout=3600 $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

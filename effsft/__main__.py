@@ -1,0 +1,5 @@
+import sys
+
+from effsft.cli import main
+
+sys.exit(main())

@@ -1,0 +1,161 @@
+"""One config system for every job: typed, frozen pydantic models loaded from YAML plus
+dotted ``key=value`` overrides.
+
+The YAML *is* the schema: every model forbids unknown keys, so a typo fails before any work
+starts, and every error names the dotted key it is about (``sft.qtuning.sample_ratio: ...``).
+
+    cfg = load_config(SelectConfig, "jobs/select.yaml", ["budget=0.1", "scorer.batch_size=16"])
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, TypeVar
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from typing_extensions import Annotated
+
+
+class ConfigError(ValueError):
+    """A bad configuration. The message names the offending key(s)."""
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys and silent coercions are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, validate_default=True)
+
+
+def _must_exist(p: str) -> str:
+    # Remote URIs (s3://, gs://, ...) are checked by the reader, not here.
+    if "://" not in p and not os.path.exists(p):
+        raise ValueError(f"path does not exist: {p}")
+    return p
+
+
+ExistingPath = Annotated[str, AfterValidator(_must_exist)]
+"""A path that must exist when the config is loaded (local paths only)."""
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"a.b=3"`` -> (["a", "b"], 3). The value is parsed as a YAML scalar/flow value."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    """Set dotted keys in a nested dict (creating sections as needed)."""
+    data = dict(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, Mapping):
+                raise ConfigError(f"{'.'.join(path[: i + 1])}: is a value, not a section")
+            node[part] = child = dict(child)
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        elif kind == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+            lines.append(f"{key}: {e['msg']}{shown}")
+    return "; ".join(lines)
+
+
+def build_config(cls: type[C], data: Mapping[str, Any]) -> C:
+    """Validate a plain dict into ``cls``; errors become a ConfigError naming the keys."""
+    try:
+        return cls.model_validate(dict(data))
+    except ValidationError as e:
+        raise ConfigError(f"invalid {cls.__name__}: {_format_errors(e)}") from None
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of keys")
+    return data
+
+
+def load_config(cls: type[C], path: str | os.PathLike | None = None,
+                overrides: Iterable[str] = (), base: Mapping[str, Any] | None = None) -> C:
+    """YAML file (optional) + dotted overrides -> a validated, frozen ``cls``."""
+    data: dict = dict(base or {})
+    if path is not None:
+        data.update(load_yaml(path))
+    data = apply_overrides(data, overrides)
+    return build_config(cls, data)
+
+
+def to_dict(cfg: BaseModel) -> dict:
+    """JSON-ready resolved config (for manifests)."""
+    return cfg.model_dump(mode="json")
+
+
+# ---- sections shared by several jobs -------------------------------------------------------
+from typing import Literal, Optional  # noqa: E402
+
+from pydantic import Field  # noqa: E402
+
+
+class ModelSpec(Strict):
+    """A local HF causal-LM directory."""
+
+    path: ExistingPath
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    attn_implementation: Optional[str] = None
+
+
+class CorpusSpec(Strict):
+    """A corpus: JSONL/Parquet/Arrow file, a directory of shards, or an HF save_to_disk dir."""
+
+    path: ExistingPath
+    split: str = "train"
+    max_row_bytes: int = Field(1 << 20, gt=0)
+    id_field: str = "id"
+    shard_rows: int = Field(50_000, gt=0)
+
+    def normalize_options(self):
+        from effsft.corpus.normalize import NormalizeOptions
+
+        return NormalizeOptions(max_row_bytes=self.max_row_bytes, id_field=self.id_field)
+
+
+class TokenizeSpec(Strict):
+    max_len: int = Field(1024, gt=8)
+    train_on: Literal["all", "last"] = "all"
+    truncation: Literal["left", "drop"] = "left"

@@ -1,0 +1,183 @@
+"""Streaming corpus readers (Ray Data): JSONL (plain/gz/zst), JSON arrays, Parquet, Arrow
+(HF ``datasets`` ``save_to_disk``), a single file or a directory of shards.
+
+Every reader yields RAW_SCHEMA rows (raw JSON bytes + source file + row number) so that the
+normaliser sees every row, good or bad, with its location. Nothing is read in the driver.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+
+from effsft.corpus.schema import RAW_SCHEMA
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".ndjson",
+            ".parquet", ".arrow")
+BLOCK_ROWS = 8192
+
+
+class CorpusPathError(ValueError):
+    pass
+
+
+def _kind(path: str) -> str:
+    name = path.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".arrow"):
+        return "arrow"
+    return "jsonl"
+
+
+def resolve_files(path: str | os.PathLike, split: str = "train") -> list[str]:
+    """Input path -> sorted list of data files.
+
+    A file is taken as is. A directory is an HF ``save_to_disk`` dataset (``state.json``), a
+    ``DatasetDict`` (``dataset_dict.json``: the ``split`` sub-folder), or a directory of
+    shards (every supported file below it; hidden and ``_``-prefixed names skipped).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CorpusPathError(f"input path does not exist: {p}")
+    if p.is_file():
+        return [str(p.resolve())]
+    if (p / "dataset_dict.json").exists():
+        splits = json.loads((p / "dataset_dict.json").read_text()).get("splits", [])
+        if split not in splits:
+            raise CorpusPathError(f"{p}: split {split!r} not in {splits}")
+        return resolve_files(p / split, split)
+    if (p / "state.json").exists():
+        state = json.loads((p / "state.json").read_text())
+        files = [str((p / f["filename"]).resolve()) for f in state.get("_data_files", [])]
+        if files:
+            return files
+    files = sorted(str(f.resolve()) for f in p.rglob("*") if f.is_file()
+                   and f.name.lower().endswith(SUFFIXES)
+                   and not any(part.startswith((".", "_")) for part in f.relative_to(p).parts))
+    if not files:
+        raise CorpusPathError(f"no corpus files ({', '.join(SUFFIXES)}) under {p}")
+    return files
+
+
+def _raw_block(raws: list[bytes], path: str, start: int) -> pa.Table:
+    return pa.Table.from_arrays(
+        [pa.array(raws, pa.binary()), pa.array([path] * len(raws), pa.string()),
+         pa.array(range(start, start + len(raws)), pa.int64())], schema=RAW_SCHEMA)
+
+
+def _dump(row: dict) -> bytes:
+    return json.dumps(row, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass")
+
+
+def iter_raw_jsonl(f, path: str) -> Iterator[pa.Table]:
+    """JSON Lines; a file whose first non-blank byte is ``[`` is read as one JSON array."""
+    head = f.read(1 << 16)
+    stripped = head.lstrip()
+    if stripped[:1] == b"[":
+        data = head + f.read()
+        try:
+            rows = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            yield _raw_block([data[:1 << 20]], path, 0)  # the whole file is one bad row
+            return
+        for i in range(0, len(rows), BLOCK_ROWS):
+            yield _raw_block([_dump(r) if isinstance(r, dict) else json.dumps(r).encode()
+                              for r in rows[i:i + BLOCK_ROWS]], path, i)
+        return
+    buf, lines, row = head, [], 0
+    while True:
+        parts = buf.split(b"\n")
+        buf = parts.pop()  # incomplete tail
+        for line in parts:
+            lines.append(line.rstrip(b"\r"))
+            if len(lines) == BLOCK_ROWS:
+                yield _raw_block(lines, path, row)
+                row += len(lines)
+                lines = []
+        more = f.read(1 << 20)
+        if not more:
+            break
+        buf += more
+    if buf.strip():
+        lines.append(buf.rstrip(b"\r"))
+    if lines:
+        yield _raw_block(lines, path, row)
+
+
+def _iter_table_batches(batches, path: str) -> Iterator[pa.Table]:
+    row = 0
+    for batch in batches:
+        dumped = [_dump(r) for r in batch.to_pylist()]
+        for i in range(0, len(dumped), BLOCK_ROWS):
+            yield _raw_block(dumped[i:i + BLOCK_ROWS], path, row + i)
+        row += len(dumped)
+
+
+def iter_raw_parquet(f, path: str) -> Iterator[pa.Table]:
+    import pyarrow.parquet as pq
+
+    yield from _iter_table_batches(pq.ParquetFile(f).iter_batches(batch_size=BLOCK_ROWS), path)
+
+
+def iter_raw_arrow(f, path: str) -> Iterator[pa.Table]:
+    # HF datasets write Arrow IPC *stream* files; accept the file format too.
+    try:
+        reader = pa.ipc.open_stream(f)
+    except pa.ArrowInvalid:
+        f.seek(0)
+        reader = pa.ipc.open_file(f)
+        yield from _iter_table_batches((reader.get_batch(i) for i in range(reader.num_record_batches)), path)
+        return
+    yield from _iter_table_batches(reader, path)
+
+
+def iter_raw_file(path: str) -> Iterator[pa.Table]:
+    """Plain-Python reader of one file (used by tests and by the Ray datasource)."""
+    import pyarrow.fs as pafs
+
+    fs = pafs.LocalFileSystem()
+    kind = _kind(path)
+    if kind == "jsonl":
+        from ray.data.datasource.path_util import infer_compression  # gz/zst by suffix
+
+        with fs.open_input_stream(path, compression=infer_compression(path)) as f:
+            yield from iter_raw_jsonl(f, path)
+    else:
+        with fs.open_input_file(path) as f:
+            yield from (iter_raw_parquet if kind == "parquet" else iter_raw_arrow)(f, path)
+
+
+def _datasource_cls():
+    from ray.data.datasource import FileBasedDatasource
+
+    class CorpusDatasource(FileBasedDatasource):
+        """Reads any supported corpus file into RAW_SCHEMA blocks, streaming per file."""
+
+        def _open_input_source(self, filesystem, path, **open_args):
+            if _kind(path) in ("parquet", "arrow"):  # random access
+                return filesystem.open_input_file(path)
+            return super()._open_input_source(filesystem, path, **open_args)
+
+        def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+            kind = _kind(path)
+            if kind == "jsonl":
+                yield from iter_raw_jsonl(f, path)
+            elif kind == "parquet":
+                yield from iter_raw_parquet(f, path)
+            else:
+                yield from iter_raw_arrow(f, path)
+
+    return CorpusDatasource
+
+
+def read_raw(path: str | os.PathLike, split: str = "train", num_cpus: float = 0.5):
+    """A Ray Dataset of RAW_SCHEMA rows for every row of every file under ``path``."""
+    import ray.data
+
+    files = resolve_files(path, split)
+    return ray.data.read_datasource(_datasource_cls()(files), num_cpus=num_cpus,
+                                    override_num_blocks=max(1, len(files)))

@@ -1,0 +1,100 @@
+"""Evaluation metrics on a model: response perplexity and exact-match accuracy.
+
+Pure torch (no Ray): the eval recipe runs these inside a Ray task or actor.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from effsft.corpus.synth import extract_answer
+from effsft.corpus.tokenize import IGNORE_INDEX, collate, encode_chat, encode_prompt
+
+
+@torch.no_grad()
+def response_nll(model, batch: dict) -> tuple[float, int]:
+    """Sum of response-token NLL and the number of response tokens in a padded batch.
+
+    Labels are shifted: the logit at position t-1 scores the token at t.
+    """
+    dev = next(model.parameters()).device
+    out = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev))
+    logits = out.logits[:, :-1].float()                       # [B, T-1, V]
+    target = batch["labels"][:, 1:].to(dev)                   # [B, T-1]
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="sum")
+    return float(nll), int((target != IGNORE_INDEX).sum())
+
+
+def perplexity(model, tokenizer, conversations: Sequence[Sequence[dict]], max_len: int = 512,
+               batch_size: int = 8, progress: bool = False) -> dict:
+    """exp(total response NLL / total response tokens) over the conversations.
+
+    Conversations whose response does not fit ``max_len`` are counted as ``too_long``.
+    """
+    from tqdm import tqdm
+
+    enc = [encode_chat(tokenizer, m, max_len) for m in conversations]
+    kept = [e for e in enc if not e.too_long and e.n_response > 0]
+    kept.sort(key=lambda e: len(e.input_ids))  # length-sorted batches waste less padding
+    total, n = 0.0, 0
+    for i in tqdm(range(0, len(kept), batch_size), desc="perplexity", disable=not progress):
+        s, k = response_nll(model, collate(kept[i:i + batch_size], tokenizer.pad_token_id))
+        total, n = total + s, n + k
+    mean = total / max(1, n)
+    return {"ppl": math.exp(mean) if n else float("nan"), "mean_nll": mean, "tokens": n,
+            "rows": len(kept), "too_long": len(enc) - len(kept)}
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[dict]], max_new_tokens: int = 64,
+                    batch_size: int = 16, progress: bool = False) -> list[str]:
+    """Batched greedy decoding (left padding); returns the decoded new text per prompt."""
+    from tqdm import tqdm
+
+    dev = next(model.parameters()).device
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out: list[str] = [""] * len(ids)
+    for s in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
+        idx = order[s:s + batch_size]
+        T = max(len(ids[i]) for i in idx)
+        x = torch.full((len(idx), T), tokenizer.pad_token_id, dtype=torch.long)
+        m = torch.zeros((len(idx), T), dtype=torch.long)
+        for r, i in enumerate(idx):
+            x[r, T - len(ids[i]):] = torch.tensor(ids[i])
+            m[r, T - len(ids[i]):] = 1
+        gen = model.generate(input_ids=x.to(dev), attention_mask=m.to(dev), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        for r, i in enumerate(idx):
+            out[i] = tokenizer.decode(gen[r, T:], skip_special_tokens=True)
+    return out
+
+
+def exact_match(model, tokenizer, rows: Sequence[dict], max_new_tokens: int = 64,
+                batch_size: int = 16, progress: bool = False) -> dict:
+    """Accuracy of ``extract_answer(generation) == row['answer']`` on eval rows.
+
+    Each row has ``messages`` (the prompt turns; a trailing assistant turn is ignored),
+    ``answer`` and optionally ``task``. Returns overall and per-task accuracy plus samples.
+    """
+    prompts = [[m for m in r["messages"] if m["role"] != "assistant"] or r["messages"][:1]
+               for r in rows]
+    gens = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+    per_task: dict[str, list[int]] = {}
+    correct = 0
+    samples = []
+    for r, p, g in zip(rows, prompts, gens):
+        ok = int(extract_answer(g) == str(r["answer"]).strip())
+        correct += ok
+        per_task.setdefault(r.get("task") or "all", []).append(ok)
+        if len(samples) < 10:
+            samples.append({"prompt": p[-1]["content"][:200],
+                            "generation": g[:200], "answer": r["answer"], "correct": bool(ok)})
+    return {"accuracy": correct / max(1, len(rows)), "n": len(rows),
+            "per_task": {t: sum(v) / len(v) for t, v in sorted(per_task.items())},
+            "samples": samples}

@@ -1,0 +1,67 @@
+"""Load a local HF causal-LM directory and its tokenizer.
+
+No remote code unless the user sets ``trust_remote_code``; weights are read from
+safetensors when present. The tiny test models go through exactly this path.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class ModelPathError(ValueError):
+    pass
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelPathError(f"model directory does not exist: {p}")
+    if not (p / "config.json").exists():
+        raise ModelPathError(f"{p} has no config.json: not an HF model directory")
+    return p
+
+
+def resolve_dtype(dtype: DType, device: str | torch.device = "cpu") -> torch.dtype:
+    """``auto``: bf16 on a GPU that supports it, fp32 on CPU (CPU bf16 matmuls are slow)."""
+    if dtype == "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise ModelPathError(f"tokenizer directory does not exist: {path}")
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        # Why eos: pad positions are masked out of every loss, so any id works; eos is common.
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_model(path: str | os.PathLike, dtype: DType = "auto", device: str | torch.device = "cpu",
+               trust_remote_code: bool = False, attn_implementation: str | None = None):
+    """An ``AutoModelForCausalLM`` from a local directory, in eval mode, on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    p = check_model_dir(path)
+    kwargs = {"dtype": resolve_dtype(dtype, device), "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
+    return model.to(device).eval()
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,160 @@
+"""Ray connect/start, atomic output directories, logging.
+
+Same code path from laptop to cluster: with ``RAY_ADDRESS`` set we connect to that cluster;
+otherwise we start an embedded local Ray sized to this machine, bound to 127.0.0.1.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger("effsft")
+
+# Ray Data otherwise waits 30 minutes before failing a stalled pipeline (ray_notes.md).
+os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "300")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def local_ray_resources() -> dict:
+    """Logical resources for an embedded Ray on this machine.
+
+    Why more logical CPUs than cores: on small machines an actor pool or a trainer that claims
+    every CPU next to a read task deadlocks (ray_notes.md); jobs request fractional CPUs and the
+    OS schedules the real cores.
+    """
+    cores = os.cpu_count() or 1
+    total_mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {
+        "num_cpus": int(os.environ.get("EFFSFT_RAY_NUM_CPUS", max(4, 2 * cores))),
+        # 30% of RAM by default is far too much next to model weights; cap at 2 GiB.
+        "object_store_memory": int(os.environ.get("EFFSFT_RAY_OBJECT_STORE",
+                                                  min(2 << 30, int(total_mem * 0.1)))),
+    }
+
+
+def init_ray(**overrides) -> dict:
+    """Connect to ``RAY_ADDRESS`` if set, else start (or reuse) an embedded local Ray.
+
+    Returns a small description for the manifest. The local Ray binds to 127.0.0.1 only and
+    runs without the dashboard unless ``EFFSFT_RAY_DASHBOARD=1``.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return {"mode": "existing", "resources": ray.cluster_resources()}
+    address = os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": {"RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S":
+                                os.environ["RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S"]}}
+    if address:
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+        mode = "cluster"
+    else:
+        kwargs = dict(local_ray_resources())
+        kwargs.update(overrides)
+        dashboard = os.environ.get("EFFSFT_RAY_DASHBOARD", "0") == "1"
+        ray.init(
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            runtime_env=runtime_env,
+            **kwargs,
+        )
+        mode = "local"
+    desc = {"mode": mode, "address": address, "resources": ray.cluster_resources()}
+    log.info("ray %s: %s", mode, desc["resources"])
+    return desc
+
+
+class OutputExists(RuntimeError):
+    pass
+
+
+class OutputDir:
+    """An output directory that appears atomically.
+
+    Work happens in ``<out>.partial/``, which survives a crash so that the job can resume from
+    what it finished (e.g. scored shards). ``commit()`` writes ``_SUCCESS`` last and renames the
+    work dir into place. A finished output (``_SUCCESS`` present) is never overwritten unless
+    ``overwrite`` is set.
+    """
+
+    def __init__(self, path: str | os.PathLike, overwrite: bool = False):
+        self.final = Path(path).resolve()
+        self.work = self.final.with_name(self.final.name + ".partial")
+        self.overwrite = overwrite
+
+    @property
+    def done(self) -> bool:
+        return (self.final / "_SUCCESS").exists()
+
+    def open(self) -> Path:
+        if self.final.exists():
+            if self.done and not self.overwrite:
+                raise OutputExists(f"output {self.final} is already complete (has _SUCCESS); "
+                                   "pass overwrite=true or choose another output")
+            if not self.done:
+                # A foreign, unfinished directory: never silently mix with it.
+                if any(self.final.iterdir()) and not self.overwrite:
+                    raise OutputExists(f"output {self.final} exists without _SUCCESS; remove it "
+                                       "or pass overwrite=true")
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        return self.work
+
+    @property
+    def resuming(self) -> bool:
+        return self.work.exists() and any(self.work.iterdir())
+
+    def commit(self) -> Path:
+        (self.work / "_SUCCESS").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+        if self.final.exists():
+            trash = self.final.with_name(f".{self.final.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(self.final, trash)
+            os.rename(self.work, self.final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(self.work, self.final)
+        return self.final
+
+    def discard(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file via a temp name + rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=False, default=str).encode())
+
+
+@contextmanager
+def timed(timings: dict, name: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round(time.perf_counter() - t0, 3)
+
+
+def hostname() -> str:
+    return socket.gethostname()

@@ -1,0 +1,60 @@
+"""Shared fixtures: one local Ray per test session, and a synthetic corpus + tiny model built
+once through the same code paths a user's data and model take."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "120")
+os.environ.setdefault("RAY_memory_usage_threshold", "0.98")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded Ray (4 logical CPUs, 1 GiB object store) for the whole session."""
+    import ray
+
+    from effsft.runtime import init_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    tmp = tempfile.mkdtemp(prefix="effsft-ray-", dir="/tmp")
+    init_ray(num_cpus=4, object_store_memory=1 << 30, _temp_dir=tmp)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def data_context():
+    """Restore Ray Data's DataContext after a test that changes it."""
+    import copy
+
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = copy.deepcopy(ctx.execution_options)
+    yield ctx
+    ctx.execution_options = saved
+
+
+@pytest.fixture(scope="session")
+def synth_corpus(tmp_path_factory) -> Path:
+    from effsft.corpus.synth import SynthSettings, write_synth
+
+    out = tmp_path_factory.mktemp("synth") / "corpus"
+    write_synth(SynthSettings(rows=2000, noise=0.1, dup=0.05, garbage=0.02, eval_rows=64,
+                              grpo_rows=64, shard_rows=700, seed=0), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(synth_corpus, tmp_path_factory) -> Path:
+    from effsft.models.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny-llama", "llama",
+                            corpus=str(synth_corpus), seed=0)
