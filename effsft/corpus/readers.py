@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from effsft.corpus.schema import RAW_SCHEMA
 
-SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".ndjson",
+SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd", ".jsonl.bz2", ".json", ".json.gz", ".ndjson",
             ".parquet", ".arrow")
 BLOCK_ROWS = 8192
 
@@ -61,6 +61,14 @@ def resolve_files(path: str | os.PathLike, split: str = "train") -> list[str]:
     if not files:
         raise CorpusPathError(f"no corpus files ({', '.join(SUFFIXES)}) under {p}")
     return files
+
+
+def compression_of(path: str) -> str | None:
+    name = path.lower()
+    for suffix, codec in ((".gz", "gzip"), (".zst", "zstd"), (".zstd", "zstd"), (".bz2", "bz2")):
+        if name.endswith(suffix):
+            return codec
+    return None
 
 
 def _raw_block(raws: list[bytes], path: str, start: int) -> pa.Table:
@@ -142,9 +150,7 @@ def iter_raw_file(path: str) -> Iterator[pa.Table]:
     fs = pafs.LocalFileSystem()
     kind = _kind(path)
     if kind == "jsonl":
-        from ray.data.datasource.path_util import infer_compression  # gz/zst by suffix
-
-        with fs.open_input_stream(path, compression=infer_compression(path)) as f:
+        with fs.open_input_stream(path, compression=compression_of(path)) as f:
             yield from iter_raw_jsonl(f, path)
     else:
         with fs.open_input_file(path) as f:
@@ -160,7 +166,8 @@ def _datasource_cls():
         def _open_input_source(self, filesystem, path, **open_args):
             if _kind(path) in ("parquet", "arrow"):  # random access
                 return filesystem.open_input_file(path)
-            return super()._open_input_source(filesystem, path, **open_args)
+            return filesystem.open_input_stream(path, compression=compression_of(path),
+                                                buffer_size=1 << 20)
 
         def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
             kind = _kind(path)

@@ -38,10 +38,17 @@ def test_all_input_forms_agree(tmp_path):
     shards.mkdir()
     _write_jsonl(shards / "part-0.jsonl", GOOD[:10])
     pq.write_table(pa.Table.from_pylist(GOOD[10:]), shards / "part-1.parquet")
+    with pa.CompressedOutputStream(str(src / "b.jsonl.zst"), "zstd") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in GOOD).encode())
+    from datasets import DatasetDict
+
     Dataset.from_list(GOOD).save_to_disk(str(tmp_path / "hf"))
+    DatasetDict({"train": Dataset.from_list(GOOD), "test": Dataset.from_list(GOOD[:3])}).save_to_disk(
+        str(tmp_path / "hfdict"))
     results = {}
     for name, path in [("jsonl", src / "a.jsonl"), ("gz", src / "a.jsonl.gz"), ("json", src / "a.json"),
-                       ("parquet", src / "a.parquet"), ("dir", shards), ("hf", tmp_path / "hf")]:
+                       ("parquet", src / "a.parquet"), ("zst", src / "b.jsonl.zst"),
+                       ("dir", shards), ("hf", tmp_path / "hf"), ("hfdict", tmp_path / "hfdict")]:
         counts = prepare_corpus(str(path), tmp_path / f"out-{name}", shard_rows=7)
         assert (counts.rows_in, counts.rows_ok, counts.rows_rejected) == (30, 30, 0), name
         results[name] = _canon(tmp_path / f"out-{name}")
