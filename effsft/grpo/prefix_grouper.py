@@ -212,7 +212,8 @@ def attend(q, k, v, add_mask, scaling: float, math_impl: str) -> torch.Tensor:
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
     if math_impl == "eager":
         w = torch.matmul(q, k.transpose(2, 3)) * scaling + add_mask  # [n, Hq, Lq, Lk]
-        w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        # fp32 softmax like transformers' eager; fp64 stays fp64 (exactness tests run in fp64)
+        w = F.softmax(w, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
         return torch.matmul(w, v)
     # Not is_causal=True: with Lq != Lk SDPA aligns the causal mask top-left and hides prefix keys.
     return F.scaled_dot_product_attention(q, k, v, attn_mask=add_mask, scale=scaling)
@@ -364,13 +365,15 @@ def _gathered_logprobs(model, hidden: torch.Tensor, pred_idx: torch.Tensor, targ
         pred_idx: ``[M]`` flat positions whose logits predict ``targets`` ``[M]``.
 
     Returns:
-        ``[M]`` fp32 log-probs.
+        ``[M]`` log-probs in fp32 (fp64 for an fp64 model).
     """
     head = model.get_output_embeddings()
     out = []
     for lo in range(0, pred_idx.numel(), LOGPROB_CHUNK):
         h = hidden.index_select(0, pred_idx[lo : lo + LOGPROB_CHUNK])  # [m, H]
-        logits = head(h).float() / temperature  # [m, V]
+        logits = head(h)  # [m, V]
+        # fp32 at least (bf16/fp16 logits lose precision in log-softmax); fp64 stays fp64
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
         tgt = targets[lo : lo + LOGPROB_CHUNK, None]  # [m, 1]
         out.append(logits.log_softmax(-1).gather(-1, tgt).squeeze(-1))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
@@ -446,7 +449,7 @@ def completion_logprobs(
         temperature: logits are divided by it before the fp32 log-softmax (as at sampling time).
 
     Returns:
-        Flat prompt-major list; entry k is a 1-D fp32 tensor ``[len(R_k)]`` of
+        Flat prompt-major list; entry k is a 1-D fp32 (fp64 for fp64 models) tensor ``[len(R_k)]`` of
         ``log p(R_k[t] | P, R_k[:t])``; differentiable w.r.t. the model parameters. Empty
         completions give empty tensors.
 
