@@ -129,32 +129,45 @@ def fwd_bwd(model, fn, prompts, comps):
     loss.backward()
 
 
-def measure(model, fn, prompts, comps, warmup, reps, device):
-    for _ in range(warmup):
-        fwd_bwd(model, fn, prompts, comps)
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fwd_bwd(model, fn, prompts, comps)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+def _timed(model, fn, prompts, comps, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fwd_bwd(model, fn, prompts, comps)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _memory(model, fn, prompts, comps, device):
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fwd_bwd(model, fn, prompts, comps)
-        mem = torch.cuda.max_memory_allocated() - base
-        rss = float("nan")
-    else:
-        model.zero_grad(set_to_none=True)
-        with PeakRSS() as rss_probe, SavedBytes() as saved:
-            loss = sum(x.sum() for x in fn(model, prompts, comps))
-            loss.backward()
-        mem, rss = saved.total, rss_probe.delta
-    return statistics.median(times), mem, rss, min(times)
+        return torch.cuda.max_memory_allocated() - base, float("nan")
+    model.zero_grad(set_to_none=True)
+    with PeakRSS() as rss_probe, SavedBytes() as saved:
+        loss = sum(x.sum() for x in fn(model, prompts, comps))
+        loss.backward()
+    return saved.total, rss_probe.delta
+
+
+def measure_all(model, paths, prompts, comps, warmup, reps, device):
+    """{path: (median s, memory bytes, rss bytes, min s)}; repetitions interleave the paths so that
+    load from other processes hits all of them alike."""
+    for _ in range(warmup):
+        for fn in paths.values():
+            fwd_bwd(model, fn, prompts, comps)
+    times = {k: [] for k in paths}
+    for _ in range(reps):
+        for k, fn in paths.items():
+            times[k].append(_timed(model, fn, prompts, comps, device))
+    out = {}
+    for k, fn in paths.items():
+        mem, rss = _memory(model, fn, prompts, comps, device)
+        out[k] = (statistics.median(times[k]), mem, rss, min(times[k]))
+    return out
 
 
 def main(argv=None):
@@ -219,7 +232,7 @@ def main(argv=None):
         for r in [int(x) for x in a.ratios.split(",")]:
             Lp = r * lr_len
             prompts, comps = make_batch(a.prompts, G, Lp, lr_len, vocab, a.device)
-            res = {k: measure(model, fn, prompts, comps, warmup, reps, a.device) for k, fn in paths.items()}
+            res = measure_all(model, paths, prompts, comps, warmup, reps, a.device)
             th = pgm.theoretical_ratios(G, Lp, lr_len, c_pw, c_att)
             rep, grp = res["repeated"], res["grouped"]
             pkg_ratio = f"{res['pkg'][0] / rep[0]:.3f}" if "pkg" in res else "n/a"
