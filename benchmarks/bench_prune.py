@@ -146,9 +146,12 @@ def main(argv=None) -> None:
     p.add_argument("--owl-lambda", type=float, default=0.08)
     p.add_argument("--owl-m", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 avoids oversubscription on a busy box)")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = run(args)
     print()
     print(table(rows))
