@@ -1,0 +1,49 @@
+"""Plot of per-block target vs achieved sparsity (``sparsity.png`` of the prune job)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_block_sparsity(report: dict, path: str | Path, title: str | None = None) -> Path:
+    """Write a PNG with target ``s_l`` and achieved sparsity per block and a line at ``s``.
+
+    Args:
+        report: the dict returned by :func:`effsft.prune.blockwise.prune_model`.
+        path: output PNG path.
+        title: optional title (default: method, criterion and ``s``).
+
+    Returns:
+        The written path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on workers
+    import matplotlib.pyplot as plt
+
+    blocks = report["blocks"]
+    idx = [b["index"] for b in blocks]
+    target = [b["target"] for b in blocks]
+    achieved = [b["achieved"] for b in blocks]
+    s = report["global"]["target"]
+    eff = report.get("effective", {})
+    crit = report.get("settings", {}).get("criterion", "")
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.25 * len(idx) + 3), 3.5))
+    ax.plot(idx, target, "o-", label="target $s_l$")
+    ax.plot(idx, achieved, "x--", label="achieved")
+    ax.axhline(s, color="grey", lw=1, ls=":", label=f"global s = {s:g}")
+    clamped = [i for i, b in zip(idx, blocks) if b.get("clamped")]
+    if clamped:
+        ax.plot(clamped, [target[idx.index(i)] for i in clamped], "rs", mfc="none", ms=9, label="clamped")
+    ax.set_xlabel("block")
+    ax.set_ylabel("sparsity")
+    ax.set_ylim(0, 1)
+    ax.set_title(title or f"{eff.get('method', '')} / {crit}, s = {s:g}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
