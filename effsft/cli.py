@@ -35,6 +35,9 @@ JOBS: dict[str, Job] = {
     "eval": Job("effsft.eval.recipe:EvalConfig", "effsft.eval.recipe:run_eval",
                 {"model": "model.path", "data": "data.path"},
                 help="perplexity + exact-match accuracy"),
+    "select": Job("effsft.select.recipe:SelectConfig", "effsft.select.recipe:run_select",
+                  {"input": "input.path", "model": "model.path"},
+                  help="distributed, resumable data selection (random, length, ce, ifd, zip, km_*, ...)"),
     "demo": Job("effsft.demo:DemoConfig", "effsft.demo:run_demo",
                 help="the whole pipeline on an embedded local Ray with a tiny model"),
 }
