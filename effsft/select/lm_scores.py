@@ -167,14 +167,18 @@ def length_scores(
             ok.append(False)
         q_texts.append(q)
         a_texts.append(a)
-    enc = lambda texts: np.array(  # noqa: E731 - batch call of the fast tokenizer
-        [len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]], np.int64
-    ) if texts else np.zeros(0, np.int64)
-    p, r = enc(q_texts), enc(a_texts)
+    p, r = _batch_lengths(tokenizer, q_texts), _batch_lengths(tokenizer, a_texts)
     bad = ~np.asarray(ok, bool)
     p[bad], r[bad] = -1, -1
     total = np.where(bad, -1, p + r)
     return {"prompt_tokens": p, "response_tokens": r, "total_tokens": total}
+
+
+def _batch_lengths(tokenizer, texts: list[str]) -> np.ndarray:
+    """Token counts of texts in one batched tokenizer call. Returns [N] int64."""
+    if not texts:
+        return np.zeros(0, np.int64)
+    return np.array([len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]], np.int64)
 
 
 # ----------------------------------------------------------------------------- batching
