@@ -293,6 +293,7 @@ def hidden_sft_loss(
     response_mask: torch.Tensor,
     loss_norm: LossNorm = "kept_response_tokens",
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    denominator: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masked SFT loss from hidden states, only the kept response rows go through the lm_head.
 
@@ -306,6 +307,8 @@ def hidden_sft_loss(
         response_mask: ``[B, T]`` bool.
         loss_norm: ``kept_response_tokens`` or ``paper``.
         chunk_tokens: rows per backward chunk.
+        denominator: override of the loss denominator (global score scope divides by the count of
+            the whole all-gathered batch); default from ``loss_norm`` on this batch.
 
     Returns:
         ``(loss, numerator, denominator)``; the loss is ``numerator / max(1, denominator)``. When no
@@ -319,5 +322,7 @@ def hidden_sft_loss(
     numerator = nll_rows.sum()
     if b_idx.numel() == 0:
         numerator = numerator + 0.0 * (hidden.sum() + lm_head_weight.sum())
-    denominator = loss_denominator(keep_token, response_mask, loss_norm)
+    if denominator is None:
+        denominator = loss_denominator(keep_token, response_mask, loss_norm)
+    denominator = torch.as_tensor(denominator, device=hidden.device)
     return numerator / denominator.clamp_min(1), numerator.detach(), denominator
