@@ -81,7 +81,7 @@ def _chunk_stats(
     has_target = targets != IGNORE_INDEX
     nll = -logp.gather(1, targets.clamp_min(0)[:, None]).squeeze(1)  # [n]
     nll = torch.where(has_target, nll, torch.zeros_like(nll))
-    entropy = -(logp.exp() * logp).sum(dim=-1) if with_entropy else None  # [n]
+    entropy = -logp.exp().mul_(logp).sum(dim=-1) if with_entropy else None  # [n]; in place: one [n, V] temp
     return nll, entropy
 
 
