@@ -23,7 +23,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-import numpy as np
 import torch
 
 from effsft.sft.qtuning import (
