@@ -94,6 +94,15 @@ wait_nodes() {
     die "timed out after ${TIMEOUT}s waiting for $want alive nodes (have ${n:-0}); see $DIR/logs/"
 }
 
+wait_port() {  # the head's GCS accepts connections: worker nodes can join
+    local deadline=$((SECONDS + TIMEOUT))
+    until (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; do
+        alive "$DIR/pids/head.pid" || die "head exited during start-up; see $DIR/logs/head.log"
+        (( SECONDS < deadline )) || die "timed out after ${TIMEOUT}s waiting for the GCS on port $1"
+        sleep 0.5
+    done
+}
+
 start_node() {  # start_node NAME [RAY START ARGS...]
     local name=$1; shift
     setsid nohup "${node_env[@]}" "$PY" "$HERE/ray_node.py" start --block \
@@ -119,7 +128,7 @@ cmd_start() {
         --dashboard-agent-grpc-port "$AGENT_GRPC" --runtime-env-agent-port "$RTENV" \
         --metrics-export-port "$METRICS" --node-manager-port "$NM" --object-manager-port "$OM" \
         --temp-dir "$DIR/r" --num-cpus "$HEAD_CPUS" --resources '{"node_head": 1}'
-    wait_nodes 1
+    wait_port "$GCS"
     # Worker nodes: no --node-ip-address, so Ray takes the address it reaches the head from.
     for i in $(seq 1 "$WORKERS"); do
         read -r AGENT AGENT_GRPC RTENV METRICS NM OM < <(free_ports 6)
