@@ -44,6 +44,37 @@ def local_ray_resources() -> dict:
     }
 
 
+# Ray's own switch for a single-machine Ray (the default on macOS/Windows): with it off, Ray
+# resolves the node IP to 127.0.0.1 instead of the routable interface, and then GCS, raylet,
+# dashboard/runtime-env agents and workers all listen on loopback only. Passing
+# ``_node_ip_address="127.0.0.1"`` alone is not enough: ``ray.init`` replaces a localhost
+# address with the routable IP (``ray._private.services.resolve_ip_for_localhost``).
+_RAY_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """While starting an embedded Ray: node IP 127.0.0.1, every service bound to loopback.
+
+    The env var reaches the processes ``ray.init`` spawns; the module constant covers a
+    ``ray`` already imported in this process (it is read once at import). Both are restored
+    afterwards, so a later connect to a real cluster from this process resolves its own IP.
+    """
+    from ray._private import ray_constants
+
+    saved_env, saved_const = os.environ.get(_RAY_CLUSTER_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_RAY_CLUSTER_SWITCH] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_const
+        if saved_env is None:
+            os.environ.pop(_RAY_CLUSTER_SWITCH, None)
+        else:
+            os.environ[_RAY_CLUSTER_SWITCH] = saved_env
+
+
 def init_ray(**overrides) -> dict:
     """Connect to ``RAY_ADDRESS`` if set, else start (or reuse) an embedded local Ray.
 
@@ -64,13 +95,14 @@ def init_ray(**overrides) -> dict:
         kwargs = dict(local_ray_resources())
         kwargs.update(overrides)
         dashboard = os.environ.get("EFFSFT_RAY_DASHBOARD", "0") == "1"
-        ray.init(
-            include_dashboard=dashboard,
-            dashboard_host="127.0.0.1",
-            _node_ip_address="127.0.0.1",
-            runtime_env=runtime_env,
-            **kwargs,
-        )
+        with _loopback_only():
+            ray.init(
+                include_dashboard=dashboard,
+                dashboard_host="127.0.0.1",
+                _node_ip_address="127.0.0.1",
+                runtime_env=runtime_env,
+                **kwargs,
+            )
         mode = "local"
     desc = {"mode": mode, "address": address, "resources": ray.cluster_resources()}
     log.info("ray %s: %s", mode, desc["resources"])

@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# A real multi-node Ray cluster on one machine, loopback only, with token authentication.
+#
+#   cluster/local_cluster.sh start     # head + $EFFSFT_CLUSTER_WORKERS worker nodes
+#   source "$EFFSFT_CLUSTER_DIR/env.sh" # RAY_ADDRESS (Jobs API), RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH
+#   ray job submit --working-dir . -- python -m effsft prepare jobs/prepare.yaml
+#   cluster/local_cluster.sh status
+#   cluster/local_cluster.sh stop
+#
+# Every node is its own `ray start --block` process (its own raylet, object store, agents and
+# ports), so scheduling, object transfer and node failure behave as on a real cluster; kill a
+# worker node's pid (see `status`) to test fault tolerance.
+#
+# Isolation from any other Ray on the machine: its own state dir (token, pids, logs, Ray temp
+# dir), every port chosen free at start (GCS, dashboard, agents, node manager, object manager;
+# workers bind OS-chosen ports), and `stop` signals only the pids this script recorded (never
+# `ray stop`, which would kill every Ray process on the machine).
+#
+# Loopback only: every node is started through cluster/ray_node.py, which keeps 127.0.0.1 as
+# the node IP and GCS address (Ray's CLI would swap in the routable IP) and runs the node's
+# processes with Ray's single-machine switch, so every service listens on 127.0.0.1. Token
+# auth: a fresh 256-bit token in $DIR/auth_token (mode 600) that every node and client reads
+# through RAY_AUTH_TOKEN_PATH (~/.ray/auth_token is left alone).
+#
+# Knobs (environment):
+#   EFFSFT_CLUSTER_DIR          state dir                       (/tmp/effsft-cluster-$USER)
+#   EFFSFT_CLUSTER_WORKERS      number of worker nodes          (1)
+#   EFFSFT_CLUSTER_HEAD_CPUS    logical CPUs of the head        (1)
+#   EFFSFT_CLUSTER_WORKER_CPUS  logical CPUs per worker node    (2)
+#   EFFSFT_CLUSTER_OBJECT_STORE object store bytes per node     (268435456)
+#   EFFSFT_CLUSTER_TIMEOUT      seconds to wait for start-up    (90)
+#   PYTHON                      interpreter with ray[default]  (python3 on PATH)
+# Worker node i (1-based) carries the custom resource {"node_w<i>": 1}, the head {"node_head": 1},
+# so a job or a stage can be pinned, e.g. `ray job submit --entrypoint-resources '{"node_w1": 1}'`.
+set -euo pipefail
+
+DIR="${EFFSFT_CLUSTER_DIR:-/tmp/effsft-cluster-${USER:-$(id -un)}}"
+WORKERS="${EFFSFT_CLUSTER_WORKERS:-1}"
+HEAD_CPUS="${EFFSFT_CLUSTER_HEAD_CPUS:-1}"
+WORKER_CPUS="${EFFSFT_CLUSTER_WORKER_CPUS:-2}"
+OBJECT_STORE="${EFFSFT_CLUSTER_OBJECT_STORE:-268435456}"
+TIMEOUT="${EFFSFT_CLUSTER_TIMEOUT:-90}"
+PY="$(command -v "${PYTHON:-python3}")"
+# Job drivers run `python ...` on the nodes: the interpreter's bin dir goes first on their PATH.
+BIN="$(dirname "$PY")"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+die() { echo "local_cluster: $*" >&2; exit 1; }
+alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# Common environment of every node process (job drivers inherit it).
+node_env=(env -u RAY_ADDRESS -u RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER PATH="$BIN:$PATH"
+          RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$DIR/auth_token"
+          RAY_USAGE_STATS_ENABLED=0 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
+          RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S="${RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S:-300}")
+
+free_ports() {  # N distinct free loopback ports (held open together, so they differ)
+    "$PY" - "$1" <<'EOF'
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}
+
+# ---- queries against the dashboard (Jobs/State HTTP API), with the bearer token --------------
+api() {  # api PATH -> JSON body on stdout
+    "$PY" - "$(cat "$DIR/dashboard_url")" "$1" "$DIR/auth_token" <<'EOF'
+import sys, urllib.request
+url, path, token = sys.argv[1], sys.argv[2], open(sys.argv[3]).read().strip()
+req = urllib.request.Request(url + path, headers={"Authorization": "Bearer " + token})
+print(urllib.request.urlopen(req, timeout=5).read().decode())
+EOF
+}
+
+alive_nodes() {  # number of ALIVE nodes, or nothing if the dashboard does not answer yet
+    api "/api/v0/nodes?limit=100" 2>/dev/null | "$PY" -c '
+import json, sys
+nodes = json.load(sys.stdin)["data"]["result"]["result"]
+print(sum(n["state"] == "ALIVE" for n in nodes))' 2>/dev/null || true
+}
+
+wait_nodes() {
+    local want=$1 deadline=$((SECONDS + TIMEOUT)) n
+    while (( SECONDS < deadline )); do
+        n="$(alive_nodes)"
+        [[ "$n" == "$want" ]] && return 0
+        for f in "$DIR"/pids/*.pid; do
+            alive "$f" || die "node $(basename "$f" .pid) exited during start-up; see $DIR/logs/"
+        done
+        sleep 1
+    done
+    die "timed out after ${TIMEOUT}s waiting for $want alive nodes (have ${n:-0}); see $DIR/logs/"
+}
+
+wait_port() {  # the head's GCS accepts connections: worker nodes can join
+    local deadline=$((SECONDS + TIMEOUT))
+    until (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; do
+        alive "$DIR/pids/head.pid" || die "head exited during start-up; see $DIR/logs/head.log"
+        (( SECONDS < deadline )) || die "timed out after ${TIMEOUT}s waiting for the GCS on port $1"
+        sleep 0.5
+    done
+}
+
+start_node() {  # start_node NAME [RAY START ARGS...]
+    local name=$1; shift
+    setsid nohup "${node_env[@]}" "$PY" "$HERE/ray_node.py" start --block \
+        --disable-usage-stats --object-store-memory "$OBJECT_STORE" \
+        --min-worker-port 0 --max-worker-port 0 "$@" \
+        >"$DIR/logs/$name.log" 2>&1 </dev/null &
+    echo $! >"$DIR/pids/$name.pid"
+}
+
+cmd_start() {
+    if alive "$DIR/pids/head.pid"; then
+        echo "local_cluster: already running (state in $DIR)"; cmd_status; return 0
+    fi
+    mkdir -p "$DIR/pids" "$DIR/logs"
+    rm -f "$DIR"/pids/*.pid
+    trap 'echo "local_cluster: start failed, stopping what was started" >&2; cmd_stop >&2' EXIT
+    (umask 077; "$PY" -c 'import secrets; print(secrets.token_hex(32))' >"$DIR/auth_token")
+    read -r GCS DASH CLIENT AGENT AGENT_GRPC RTENV METRICS NM OM < <(free_ports 9)
+    echo "http://127.0.0.1:$DASH" >"$DIR/dashboard_url"
+    start_node head --head --node-ip-address 127.0.0.1 --port "$GCS" \
+        --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$DASH" \
+        --ray-client-server-port "$CLIENT" --dashboard-agent-listen-port "$AGENT" \
+        --dashboard-agent-grpc-port "$AGENT_GRPC" --runtime-env-agent-port "$RTENV" \
+        --metrics-export-port "$METRICS" --node-manager-port "$NM" --object-manager-port "$OM" \
+        --temp-dir "$DIR/r" --num-cpus "$HEAD_CPUS" --resources '{"node_head": 1}'
+    wait_port "$GCS"
+    # Worker nodes: no --node-ip-address, so Ray takes the address it reaches the head from.
+    for i in $(seq 1 "$WORKERS"); do
+        read -r AGENT AGENT_GRPC RTENV METRICS NM OM < <(free_ports 6)
+        start_node "w$i" --address "127.0.0.1:$GCS" \
+            --dashboard-agent-listen-port "$AGENT" --dashboard-agent-grpc-port "$AGENT_GRPC" \
+            --runtime-env-agent-port "$RTENV" --metrics-export-port "$METRICS" \
+            --node-manager-port "$NM" --object-manager-port "$OM" \
+            --num-cpus "$WORKER_CPUS" --resources "{\"node_w$i\": 1}"
+    done
+    wait_nodes $((WORKERS + 1))
+    cat >"$DIR/env.sh" <<EOF
+# source me: clients of this cluster (ray job submit, JobSubmissionClient, ray status)
+export RAY_ADDRESS=http://127.0.0.1:$DASH
+export RAY_AUTH_MODE=token
+export RAY_AUTH_TOKEN_PATH=$DIR/auth_token
+export EFFSFT_CLUSTER_GCS=127.0.0.1:$GCS
+EOF
+    "$PY" - "$DIR" "$GCS" "$DASH" "$WORKERS" <<'EOF'
+import json, sys
+d, gcs, dash, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+json.dump({"gcs_address": f"127.0.0.1:{gcs}", "dashboard_url": f"http://127.0.0.1:{dash}",
+           "auth_token_path": f"{d}/auth_token", "temp_dir": f"{d}/r",
+           "nodes": ["head"] + [f"w{i}" for i in range(1, n + 1)]},
+          open(f"{d}/cluster.json", "w"), indent=2)
+EOF
+    trap - EXIT
+    echo "local_cluster: up: head + $WORKERS worker node(s); dashboard http://127.0.0.1:$DASH"
+    echo "local_cluster: clients: source $DIR/env.sh"
+}
+
+stop_pid() {  # SIGTERM (ray start --block then tears its node down), SIGKILL the group after 20 s
+    local f=$1 pid
+    pid="$(cat "$f")"
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    fi
+    # setsid made the node its own process group: reap anything it left behind.
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    rm -f "$f"
+}
+
+cmd_stop() {
+    [[ -d "$DIR/pids" ]] || { echo "local_cluster: not running (no $DIR/pids)"; return 0; }
+    local f
+    for f in "$DIR"/pids/w*.pid; do [[ -f "$f" ]] && stop_pid "$f"; done
+    [[ -f "$DIR/pids/head.pid" ]] && stop_pid "$DIR/pids/head.pid"
+    rm -f "$DIR/env.sh"
+    echo "local_cluster: stopped (logs kept in $DIR/logs)"
+}
+
+cmd_status() {
+    local f any=0
+    for f in "$DIR"/pids/*.pid; do
+        [[ -f "$f" ]] || continue
+        any=1
+        if alive "$f"; then state=running; else state=dead; fi
+        echo "$(basename "$f" .pid) pid=$(cat "$f") $state"
+    done
+    (( any )) || { echo "local_cluster: not running"; return 3; }
+    echo "alive nodes (GCS view): $(alive_nodes)"
+}
+
+case "${1:-}" in
+    start) cmd_start ;;
+    stop) cmd_stop ;;
+    status) cmd_status ;;
+    *) echo "usage: $0 start|stop|status   (state in \$EFFSFT_CLUSTER_DIR, default $DIR)" >&2; exit 2 ;;
+esac
