@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 # Per job: extra key=value overrides for the entrypoint, and the wall-clock limit.
-EXTRA_ARGS = {"eval": ["num_gpus=1"], "sft": [], "grpo": [], "prune": [], "select": []}
+EXTRA_ARGS = {"eval": ["num_gpus=1"], "sft": [], "grpo": [], "prune": [], "select": ["scorer.num_gpus=1"]}
 DEADLINE_S = {"synth": 3600, "tiny-model": 3600, "demo": 3600}
 DEFAULT_DEADLINE_S = 24 * 3600
 

@@ -10,11 +10,22 @@ from effsft.select.recipe import SelectConfig, run_select
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
-BUDGET = 60
+BUDGET = 40
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    """600 rows (with garbage) in 4 shards of 150: CI-sized, still several shards to resume."""
+    from effsft.corpus.synth import SynthSettings, write_synth
+
+    out = tmp_path_factory.mktemp("selcorpus") / "corpus"
+    write_synth(SynthSettings(rows=600, garbage=0.03, eval_rows=8, grpo_rows=8, shard_rows=300, seed=7),
+                out, progress=False)
+    return out
 
 
 def _cfg(synth_corpus, tiny_model_dir, tmp_path, method, **extra):
-    data = {"input": {"path": str(synth_corpus / "train"), "shard_rows": 500}, "method": method,
+    data = {"input": {"path": str(synth_corpus / "train"), "shard_rows": 150}, "method": method,
             "budget": BUDGET, "seed": 1, "model": {"path": str(tiny_model_dir)},
             "output": str(tmp_path / "out" / method), "cache_dir": str(tmp_path / "cache"),
             "scorer": {"batch_size": 128, "micro_batch_size": 16, "max_len": 256},
@@ -47,8 +58,8 @@ def _check_output(res, out, budget=BUDGET):
 
 @pytest.mark.parametrize("method", ["random", "random_stratified", "length", "ce", "ppl", "entropy", "ifd",
                                     "selectit", "zip", "diverseevol", "kmeans", "km_length", "km_ce"])
-def test_every_method_end_to_end(method, synth_corpus, tiny_model_dir, shared):
-    cfg = _cfg(synth_corpus, tiny_model_dir, shared, method)
+def test_every_method_end_to_end(method, small_corpus, tiny_model_dir, shared):
+    cfg = _cfg(small_corpus, tiny_model_dir, shared, method)
     res = run_select(cfg)
     m = _check_output(res, shared / "out" / method)
     if method in ("length", "ce", "ppl", "entropy", "ifd", "km_length", "km_ce"):
@@ -58,19 +69,19 @@ def test_every_method_end_to_end(method, synth_corpus, tiny_model_dir, shared):
         assert sum(d["cluster_selected"]) == BUDGET and d["k"] == 6
 
 
-def test_length_selects_the_longest(synth_corpus, tiny_model_dir, shared):
+def test_length_selects_the_longest(small_corpus, tiny_model_dir, shared):
     out = shared / "out" / "length"
     if not (out / "_SUCCESS").exists():
-        run_select(_cfg(synth_corpus, tiny_model_dir, shared, "length"))
+        run_select(_cfg(small_corpus, tiny_model_dir, shared, "length"))
     s = pq.read_table(out / "scores.parquet").to_pandas()
     chosen = s[s.selected]["score"]
     rest = s[~s.selected]["score"]
     assert chosen.min() >= rest.max()
 
 
-def test_random_is_seeded_and_budgets_nest(synth_corpus, tiny_model_dir, tmp_path):
+def test_random_is_seeded_and_budgets_nest(small_corpus, tiny_model_dir, tmp_path):
     def ids(budget, seed, name):
-        cfg = _cfg(synth_corpus, tiny_model_dir, tmp_path, "random", budget=budget, seed=seed,
+        cfg = _cfg(small_corpus, tiny_model_dir, tmp_path, "random", budget=budget, seed=seed,
                    output=str(tmp_path / name))
         run_select(cfg)
         return pq.read_table(tmp_path / name / "selected.parquet").column("id").to_pylist()
@@ -81,8 +92,8 @@ def test_random_is_seeded_and_budgets_nest(synth_corpus, tiny_model_dir, tmp_pat
     assert set(ids(50, 4, "d")) != set(a)
 
 
-def test_killed_actor_scores_every_row_exactly_once(synth_corpus, tiny_model_dir, tmp_path):
-    cfg = _cfg(synth_corpus, tiny_model_dir, tmp_path, "ce", fault={"kill_actor_after_batches": 3})
+def test_killed_actor_scores_every_row_exactly_once(small_corpus, tiny_model_dir, tmp_path):
+    cfg = _cfg(small_corpus, tiny_model_dir, tmp_path, "ce", fault={"kill_actor_after_batches": 3})
     run_select(cfg)
     m = _check_output(None, tmp_path / "out" / "ce")
     (key, st), = m["scoring"].items()
@@ -91,34 +102,35 @@ def test_killed_actor_scores_every_row_exactly_once(synth_corpus, tiny_model_dir
     assert len(ids) == len(set(ids))
 
 
-def test_interrupted_job_resumes_without_rescoring(synth_corpus, tiny_model_dir, tmp_path):
+def test_interrupted_job_resumes_without_rescoring(small_corpus, tiny_model_dir, tmp_path):
     from effsft.select.pipeline import Interrupted
 
     with pytest.raises(Interrupted):
-        run_select(_cfg(synth_corpus, tiny_model_dir, tmp_path, "entropy", fault={"stop_after_shards": 2}))
+        run_select(_cfg(small_corpus, tiny_model_dir, tmp_path, "entropy", fault={"stop_after_shards": 2}))
     assert not (tmp_path / "out" / "entropy").exists()  # nothing half-written is visible
-    run_select(_cfg(synth_corpus, tiny_model_dir, tmp_path, "entropy"))
+    run_select(_cfg(small_corpus, tiny_model_dir, tmp_path, "entropy"))
     m = json.loads((tmp_path / "out" / "entropy" / "manifest.json").read_text())
     (key, st), = m["scoring"].items()
     assert st["shards_reused"] == 2 and st["shards_scored"] == st["shards_total"] - 2
     # a new budget and another LM method: no model call at all
-    run_select(_cfg(synth_corpus, tiny_model_dir, tmp_path, "ce", budget=20,
+    run_select(_cfg(small_corpus, tiny_model_dir, tmp_path, "ce", budget=20,
                     output=str(tmp_path / "out" / "ce20")))
     m = json.loads((tmp_path / "out" / "ce20" / "manifest.json").read_text())
     (key, st), = m["scoring"].items()
     assert st["shards_scored"] == 0 and st["rows_scored"] == 0
 
 
-def test_sentence_transformers_real_model_path(synth_corpus, tiny_model_dir, tmp_path):
+def test_sentence_transformers_real_model_path(small_corpus, tiny_model_dir, tmp_path):
     pytest.importorskip("sentence_transformers")
-    cfg = _cfg(synth_corpus, tiny_model_dir, tmp_path, "km_length",
+    cfg = _cfg(small_corpus, tiny_model_dir, tmp_path, "km_length",
                embed={"kind": "sentence_transformers"})
     run_select(cfg)
     m = _check_output(None, tmp_path / "out" / "km_length")
     assert any(k.startswith("emb_sentence_transformers") for k in m["scoring"])
 
 
-def test_cli_and_bad_config(synth_corpus, tiny_model_dir, tmp_path, capsys):
+def test_cli_and_bad_config(small_corpus, tiny_model_dir, tmp_path, capsys):
+    synth_corpus = small_corpus
     out = tmp_path / "cli"
     assert main(["select", "--input", str(synth_corpus / "train"), "--method", "random", "--budget", "0.05",
                  "--seed", "0", "--output", str(out), "--cache_dir", str(tmp_path / "c")]) == 0
