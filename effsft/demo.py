@@ -1,7 +1,8 @@
 """``effsft demo``: the pipeline end to end on an embedded local Ray with a tiny model.
 
 Stages chain through their output directories (each atomic, each skipped when already
-complete, so an interrupted demo resumes): synth -> tiny-model -> prepare -> eval.
+complete, so an interrupted demo resumes):
+synth -> tiny-model -> prepare -> select (k-means + length) -> eval.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from effsft.corpus.jobs import PrepareConfig, SynthConfig, run_prepare, run_synth
     from effsft.eval.recipe import EvalConfig, run_eval
     from effsft.models.jobs import TinyModelConfig, run_tiny_model
+    from effsft.select.recipe import SelectConfig, run_select
 
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,6 +69,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         "seed": cfg.seed}, s)
     prepared = _stage("prepare", out, PrepareConfig, run_prepare, {
         "input": {"path": str(corpus / "train")}, "output": str(out / "prepared")}, s)
+    _stage("select", out, SelectConfig, run_select, {
+        "input": {"path": str(prepared / "data")}, "output": str(out / "selected"),
+        "method": "km_length", "budget": 0.5, "seed": cfg.seed, "model": {"path": str(model)},
+        "cache_dir": str(out / "cache"), "kmeans": {"k": 8}}, s)
     _stage("eval", out, EvalConfig, run_eval, {
         "model": {"path": str(model)}, "output": str(out / "eval"),
         "data": {"path": str(prepared / "data")}, "eval_split": str(corpus / "eval.parquet"),

@@ -36,8 +36,9 @@ def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--output", str(out), "--rows", "600", "--eval_rows", "16"]) == 0
     summary = json.loads((out / "demo_summary.json").read_text())
-    assert set(summary) >= {"synth", "tiny_model", "prepare", "eval"}
-    for stage in ("corpus", "model", "prepared", "eval"):
+    assert set(summary) >= {"synth", "tiny_model", "prepare", "select", "eval"}
+    assert summary["select"]["rows_selected"] > 0
+    for stage in ("corpus", "model", "prepared", "selected", "eval"):
         assert (out / stage / "_SUCCESS").exists(), stage
     # a second run resumes: every stage is reused
     assert main(["demo", "--output", str(out), "--rows", "600", "--eval_rows", "16"]) == 0
