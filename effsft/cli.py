@@ -35,6 +35,9 @@ JOBS: dict[str, Job] = {
     "eval": Job("effsft.eval.recipe:EvalConfig", "effsft.eval.recipe:run_eval",
                 {"model": "model.path", "data": "data.path"},
                 help="perplexity + exact-match accuracy"),
+    "sft": Job("effsft.sft.recipe:SFTConfig", "effsft.sft.recipe:run_sft",
+                {"model": "model.path", "data": "data.path"},
+                help="DeepSpeed SFT on Ray Train (Q-Tuning hook, LoRA, checkpoint/resume)"),
     "demo": Job("effsft.demo:DemoConfig", "effsft.demo:run_demo",
                 help="the whole pipeline on an embedded local Ray with a tiny model"),
 }
