@@ -53,6 +53,9 @@ class LoraSpec(Strict):
 class KillAt(Strict):
     rank: int = Field(0, ge=0)
     step: int = Field(..., ge=1)
+    # Wait before dying: Ray Train V2 registers a reported checkpoint when its controller next
+    # polls the workers (every 2 s), so a crash right after a report loses that checkpoint.
+    delay_s: float = Field(5.0, ge=0)
 
 
 class FaultSpec(Strict):

@@ -176,6 +176,7 @@ def maybe_inject_fault(fault: FaultSpec, step: int, rank: int, marker_dir: str) 
     if marker.exists():
         return
     marker.write_text(str(time.time()))
+    time.sleep(k.delay_s)
     log.warning("fault injection: killing rank %d at step %d", rank, step)
     os._exit(17)
 
@@ -247,6 +248,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
                           bf16=dtype == torch.bfloat16)
     restored = restore(engine, spec.lora)
     pos = restored or Position()
+    resumed_from = restored.step if restored else None
     torch.manual_seed(tr.seed + 1000 * rank + pos.step)  # dropout etc. differ per rank
     stream = micro_batches(ray.train.get_dataset_shard("train"), tr.micro_batch_size,
                            tok.pad_token_id, start_epoch=pos.epoch, skip=pos.offset,
@@ -276,7 +278,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
                   rank, spec.lora)
     if rank != 0:
         return None
-    return {"steps": pos.step, "resumed_from_step": restored.step if restored else None,
+    return {"steps": pos.step, "resumed_from_step": resumed_from,
             "final_loss": last.get("loss"), "tokens": tokens, "setup_s": round(setup_s, 3),
             "train_s": round(train_s, 3),
             "tokens_per_s": tokens / train_s if train_s > 0 else None}

@@ -237,7 +237,7 @@ def test_fault_flag_fires_only_on_its_rank_and_step(tmp_path):
     from effsft.train.config import FaultSpec
     from effsft.train.loop import maybe_inject_fault
 
-    fault = FaultSpec(kill_rank_at_step={"rank": 1, "step": 3})
+    fault = FaultSpec(kill_rank_at_step={"rank": 1, "step": 3, "delay_s": 0})
     for rank, step in [(0, 3), (1, 2), (1, 4)]:
         maybe_inject_fault(fault, step, rank, str(tmp_path))  # returns: not this rank/step
     (tmp_path / ".fault-fired-rank1-step3").write_text("x")
