@@ -38,6 +38,9 @@ JOBS: dict[str, Job] = {
     "select": Job("effsft.select.recipe:SelectConfig", "effsft.select.recipe:run_select",
                   {"input": "input.path", "model": "model.path"},
                   help="distributed, resumable data selection (random, length, ce, ifd, zip, km_*, ...)"),
+    "sft": Job("effsft.sft.recipe:SFTConfig", "effsft.sft.recipe:run_sft",
+                {"model": "model.path", "data": "data.path"},
+                help="DeepSpeed SFT on Ray Train (Q-Tuning hook, LoRA, checkpoint/resume)"),
     "demo": Job("effsft.demo:DemoConfig", "effsft.demo:run_demo",
                 help="the whole pipeline on an embedded local Ray with a tiny model"),
 }

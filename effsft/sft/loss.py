@@ -1,0 +1,113 @@
+"""The sft loss hook for the shared training loop (:mod:`effsft.train.loop`).
+
+``method: off`` is plain SFT: the mean NLL over response tokens (labels != -100) of the
+micro-batch. It is computed from the final hidden states in chunks of ``chunk_tokens`` rows,
+each chunk's ``lm_head`` + cross-entropy recomputed in backward (activation checkpointing), so
+no ``[B, T, V]`` fp32 logits tensor is ever alive.
+
+Q-Tuning and its baselines plug in at ONE place: :func:`qtuning_loss` below.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(backbone returning the final normed hidden states, lm_head module); unwraps peft.
+
+    Raises:
+        NotImplementedError: heads this path cannot reproduce (bias, soft-capping, scaling).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    cfg = base.config
+    if (getattr(head, "bias", None) is not None or getattr(cfg, "final_logit_softcapping", None)
+            or getattr(cfg, "logit_scale", None)):
+        raise NotImplementedError(f"{type(base).__name__}: lm_head with bias/soft-capping/"
+                                  "scale is not supported by the chunked loss")
+    return base.get_decoder(), head
+
+
+def _chunk_nll_sum(head: torch.nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(rows).float()  # [n, V] fp32, only n = chunk_tokens rows at a time
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def response_nll(model: torch.nn.Module, batch: dict, chunk_tokens: int = 1024
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Sum of response-token NLLs of a micro-batch, chunked over tokens.
+
+    Args:
+        model: HF causal LM (or a peft wrapper of one).
+        batch: ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` (labels -100 on prompt/pad).
+        chunk_tokens: rows per lm_head chunk.
+
+    Returns:
+        ``(nll_sum, hidden, n_response)``: scalar fp32 sum over the response tokens (label
+        position ``t`` is predicted by the hidden state at ``t - 1``), the hidden states
+        ``[B, T, H]`` and the number of response tokens.
+    """
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     use_cache=False).last_hidden_state  # [B, T, H]
+    targets = batch["labels"][:, 1:]   # [B, T-1]
+    mask = targets != IGNORE_INDEX     # [B, T-1]
+    rows = hidden[:, :-1][mask]        # [N, H]
+    targets = targets[mask]            # [N]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, rows.shape[0], chunk_tokens):
+        total = total + checkpoint(_chunk_nll_sum, head, rows[s:s + chunk_tokens],
+                                   targets[s:s + chunk_tokens], use_reentrant=False)
+    return total, hidden, int(rows.shape[0])
+
+
+def sft_loss(model: torch.nn.Module, batch: dict, chunk_tokens: int = 1024) -> tuple[torch.Tensor, dict]:
+    """Plain SFT: mean response-token NLL (``method: off``)."""
+    total, hidden, n = response_nll(model, batch, chunk_tokens)
+    if n == 0:  # keep every parameter in the graph (DeepSpeed/DDP expect gradients)
+        return total + 0.0 * hidden.sum(), {"n_response": 0}
+    return total / n, {"n_response": n}
+
+
+def qtuning_loss(model: torch.nn.Module, batch: dict, qtuning: Any, ctx: Any,
+                 chunk_tokens: int, seed: int) -> tuple[torch.Tensor, dict]:
+    """>>> Q-TUNING PLUG-IN POINT <<< (every ``qtuning.method`` other than ``off``).
+
+    To wire: ``effsft.sft.qtuning_loss.qtuning_step_loss(model, batch, qtuning, step=ctx.step,
+    chunk_tokens=chunk_tokens, all_gather=ctx.all_gather if qtuning.score_scope == "global"
+    else None, rank=ctx.rank)`` (its cfg also wants ``seed``), then drop non-scalar info
+    entries and plot the EU plane on rank 0 every ``qtuning.plot_every`` steps.
+    """
+    raise NotImplementedError(_NOT_WIRED.format(method=qtuning.method))
+
+
+_NOT_WIRED = ("qtuning.method={method!r} is not wired into the sft loss yet "
+              "(effsft/sft/loss.py: qtuning_loss); use qtuning.method=off")
+QTUNING_WIRED = False  # set True together with the body of qtuning_loss
+
+
+def check_method(qtuning: Any) -> None:
+    """Fail before any work (driver side) when ``qtuning.method`` cannot run yet."""
+    if qtuning.method != "off" and not QTUNING_WIRED:
+        raise NotImplementedError(_NOT_WIRED.format(method=qtuning.method))
+
+
+@dataclass(frozen=True)
+class SFTLoss:
+    """The sft loss hook: ``SFTLoss(qtuning, chunk_tokens, seed)(model, batch, ctx)``."""
+
+    qtuning: Any            # the recipe's ``qtuning`` section (QTuningSpec)
+    chunk_tokens: int = 1024
+    seed: int = 0
+
+    def __call__(self, model: torch.nn.Module, batch: dict, ctx) -> tuple[torch.Tensor, dict]:
+        if self.qtuning.method == "off":
+            return sft_loss(model, batch, self.chunk_tokens)
+        return qtuning_loss(model, batch, self.qtuning, ctx, self.chunk_tokens, self.seed)

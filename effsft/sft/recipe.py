@@ -1,0 +1,170 @@
+"""Recipe ``effsft sft``: supervised fine-tuning with DeepSpeed on Ray Train.
+
+Features (each a config key):
+* data: any corpus (``data.path``: a prepared corpus dir, a ``select`` output, or raw
+  JSONL/Parquet/... through the normalising readers), tokenised with the chat template and
+  response-only labels (``tokenize.*``); rows that cannot be trained on are counted by reason.
+* training (``train.*``): ``num_workers`` Ray Train workers, DeepSpeed ZeRO ``zero_stage``
+  0-3, micro-batch ``micro_batch_size`` x ``grad_accum``, AdamW ``lr`` with ``warmup_steps``
+  then ``schedule`` decay, gradient clipping ``clip``, ``max_steps`` or ``epochs``.
+* LoRA (``lora.*``) instead of full fine-tuning.
+* checkpoint / resume: every ``train.checkpoint_every`` steps; a failed worker group restarts
+  from the last checkpoint (``train.max_failures``); re-running the same command after a crash
+  resumes from ``<output>.partial/``.
+* Q-Tuning (``qtuning.*``, spec qtuning.md §3.1): ``method: off`` is plain SFT.
+* ``fault.kill_rank_at_step`` kills one worker once (tests).
+
+Output: ``model/`` (HF directory, safetensors, tokenizer), ``metrics.jsonl`` (one line per
+step), ``loss.png``, ``report.md``, ``manifest.json``, ``_SUCCESS``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from effsft.config import ConfigError, CorpusSpec, ModelSpec, Strict, TokenizeSpec, to_dict
+from effsft.runtime import OutputDir, init_ray, timed
+from effsft.train.config import FaultSpec, LoraSpec, TrainSpec, check_train_lora
+
+log = logging.getLogger("effsft.sft")
+
+
+class QTuningSpec(Strict):
+    """``qtuning.*``: exactly the keys of qtuning.md §3.1 (defaults are the spec's)."""
+
+    method: Literal["off", "qtuning", "random_sample", "ppl_only", "entropy_only",
+                    "random_token"] = "off"
+    sample_ratio: float = Field(0.25, gt=0, le=1)
+    token_ratio: float = Field(0.5, gt=0, le=1)
+    lam: float = Field(0.5, ge=0, le=1)
+    entropy_scope: Literal["response", "all"] = "response"
+    token_budget: Literal["batch", "per_sample"] = "batch"
+    loss_norm: Literal["kept_response_tokens", "paper"] = "kept_response_tokens"
+    neighbor_div2: bool = False
+    score_scope: Literal["local", "global"] = "local"
+    mode: Literal["mask", "two_pass"] = "mask"
+    plot_every: int = Field(500, ge=1)
+    baseline_order: Literal["default", "reverse"] = "default"
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        # YAML 1.1 reads a bare `off` as False: `method: off` must still mean "off".
+        return "off" if v is False else v
+
+
+class SFTConfig(Strict):
+    """``effsft sft``."""
+
+    model: ModelSpec
+    data: CorpusSpec
+    output: str
+    tokenize: TokenizeSpec = TokenizeSpec()
+    train: TrainSpec = TrainSpec()
+    lora: LoraSpec = LoraSpec()
+    qtuning: QTuningSpec = QTuningSpec()
+    fault: FaultSpec = FaultSpec()
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _compatible(self):
+        check_train_lora(self.train, self.lora)
+        return self
+
+
+# ---- stages --------------------------------------------------------------------------------
+
+def _abs(path: str) -> str:
+    """Ray workers run in another directory: hand them absolute local paths."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def _data(cfg: SFTConfig):
+    from effsft.train.data import tokenised_dataset
+
+    return tokenised_dataset(_abs(cfg.data.path), cfg.data.normalize_options(), _abs(cfg.model.path),
+                             cfg.tokenize.max_len, cfg.tokenize.train_on, cfg.tokenize.truncation,
+                             split=cfg.data.split, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def total_steps(cfg: SFTConfig, rows: int) -> int:
+    """``train.max_steps``, else ``epochs`` passes over the trainable rows."""
+    from effsft.train.data import steps_per_epoch
+
+    tr = cfg.train
+    if tr.max_steps:
+        return tr.max_steps
+    per_epoch = steps_per_epoch(rows, tr.num_workers, tr.micro_batch_size, tr.grad_accum)
+    steps = math.floor(tr.epochs * per_epoch)
+    if steps < 1:
+        raise ConfigError(f"train.epochs: {rows} trainable rows give no full optimizer step of "
+                          f"{tr.num_workers} workers x {tr.micro_batch_size} x {tr.grad_accum}")
+    return steps
+
+
+def _loop_spec(cfg: SFTConfig, steps: int, work):
+    from effsft.sft.loss import SFTLoss
+    from effsft.train.loop import LoopSpec
+
+    return LoopSpec(model_path=_abs(cfg.model.path), train=cfg.train, lora=cfg.lora, fault=cfg.fault,
+                    loss_fn=SFTLoss(cfg.qtuning, cfg.train.chunk_tokens, cfg.train.seed),
+                    total_steps=steps, out_dir=str(work), dtype=cfg.model.dtype,
+                    trust_remote_code=cfg.model.trust_remote_code,
+                    attn_implementation=cfg.model.attn_implementation)
+
+
+def _report(cfg: SFTConfig, work, rows: list[dict], counts: dict, summary: dict) -> None:
+    from effsft.report.plots import curve, md_table, write_report
+
+    steps = [r["step"] for r in rows]
+    curve(work / "loss.png", steps, {"train loss": [r["loss"] for r in rows]},
+          "sft training loss", "step", "loss (mean response NLL)")
+    head = {k: summary.get(k) for k in ("steps", "final_loss", "tokens_per_s", "resumed_from_step")}
+    data = {k: v for k, v in counts.items()}
+    tr = cfg.train
+    setup = (f"{tr.num_workers} workers, ZeRO-{tr.zero_stage}, micro-batch {tr.micro_batch_size} "
+             f"x accum {tr.grad_accum}, lr {tr.lr} ({tr.schedule}, warm-up {tr.warmup_steps}), "
+             f"{'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tuning'}, "
+             f"qtuning.method={cfg.qtuning.method}")
+    write_report(work / "report.md", f"sft of {cfg.model.path}", [
+        ("Setup", setup), ("Result", md_table([head])),
+        ("Data (rows by status; not-ok rows are not trained on)", md_table([data])),
+        ("Last steps", md_table(rows[-5:], ["step", "loss", "lr", "tokens", "tokens_per_s"]))],
+        images=[("Training loss", "loss.png")])
+
+
+def run_sft(cfg: SFTConfig) -> dict:
+    """Set up, fit, write manifest + report, commit the output directory."""
+    from effsft.report.manifest import fingerprint, write_manifest
+    from effsft.sft.loss import check_method
+    from effsft.train.loop import METRICS_FILE, read_metrics
+    from effsft.train.trainer import fit
+
+    check_method(cfg.qtuning)
+    out = OutputDir(cfg.output, overwrite=cfg.overwrite)
+    work = out.open()
+    init_ray()
+    timings: dict = {}
+    with timed(timings, "tokenize"):
+        ds, counts = _data(cfg)
+    steps = total_steps(cfg, counts["rows_ok"])
+    with timed(timings, "train"):
+        summary = fit(_loop_spec(cfg, steps, work), ds, work / "checkpoints", name="train")
+    rows = read_metrics(work / METRICS_FILE)
+    _report(cfg, work, rows, counts, summary)
+    inputs = {"model": {"path": cfg.model.path, "fingerprint": fingerprint(cfg.model.path)},
+              "data": {"path": cfg.data.path}}
+    metrics = {**summary, "first_loss": rows[0]["loss"] if rows else None}
+    write_manifest(work, "sft", to_dict(cfg), inputs=inputs, counts={**counts, "steps": steps},
+                   metrics=metrics, timings=timings)
+    # Checkpoints only serve resumption; the committed output holds the final model.
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    out.commit()
+    return {"output": str(out.final), "steps": summary.get("steps"),
+            "first_loss": metrics["first_loss"], "final_loss": summary.get("final_loss"),
+            "rows_ok": counts["rows_ok"], "rows_too_long": counts["rows_too_long"]}

@@ -1,0 +1,72 @@
+"""Config sections of the shared training loop (used by the ``sft`` and ``grpo`` recipes).
+
+One optimizer step consumes ``micro_batch_size x grad_accum x num_workers`` rows.
+"""
+from __future__ import annotations
+
+from typing import List, Literal, Optional
+
+from pydantic import Field
+
+from effsft.config import Strict
+
+
+class TrainSpec(Strict):
+    """``train.*``: scaling, DeepSpeed, optimizer, schedule, checkpointing."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0)   # fractional on CPU: whole CPUs deadlock small clusters (ray_notes)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+    max_steps: Optional[int] = Field(None, ge=1)  # wins over epochs when set
+    epochs: float = Field(1.0, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # floor of the decay, as a fraction of lr
+    clip: float = Field(1.0, ge=0)                # max grad norm; 0 = no clipping
+    seed: int = 0
+    shuffle_buffer: int = Field(0, ge=0)          # rows in the per-worker local shuffle buffer; 0 = off
+    checkpoint_every: int = Field(0, ge=0)        # steps; 0 = only the final checkpoint
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(1, ge=0)            # worker-group restarts from the last checkpoint
+    log_every: int = Field(1, ge=1)
+    chunk_tokens: int = Field(1024, ge=1)         # lm_head rows per loss chunk (no B x T x V fp32 logits)
+    gradient_checkpointing: bool = False
+
+
+class LoraSpec(Strict):
+    """``lora.*``: train low-rank adapters (peft) instead of the full model."""
+
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: List[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    merge_on_save: bool = True   # model/ is the merged full model; the adapter goes to model/adapter/
+
+
+class KillAt(Strict):
+    rank: int = Field(0, ge=0)
+    step: int = Field(..., ge=1)
+    # Wait before dying: Ray Train V2 registers a reported checkpoint when its controller next
+    # polls the workers (every 2 s), so a crash right after a report loses that checkpoint.
+    delay_s: float = Field(5.0, ge=0)
+
+
+class FaultSpec(Strict):
+    """``fault.*``: fault injection for tests. The kill fires once per run (a marker file
+    in the run's storage directory remembers it), so the restarted worker group gets past it."""
+
+    kill_rank_at_step: Optional[KillAt] = None
+
+
+def check_train_lora(train: TrainSpec, lora: LoraSpec) -> None:
+    """Fail fast on combinations the loop does not support."""
+    if lora.enabled and train.zero_stage == 3:
+        raise ValueError("lora.enabled with train.zero_stage=3 is not supported (use stage 0-2)")
+

@@ -1,0 +1,151 @@
+"""Training data: any corpus -> tokenised Ray Dataset (driver), and the per-worker stream of
+collated micro-batches (inside ``train_loop_per_worker``).
+
+Rows that cannot be trained on are counted by reason and reported, never silently dropped:
+``rejected`` (the normaliser rejected the raw row), ``too_long`` (the final response does not
+fit ``tokenize.max_len``), ``no_response`` (no token carries a label).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from effsft.corpus.tokenize import Encoded, collate, encode_chat
+
+log = logging.getLogger("effsft.train")
+
+STATUS = ("ok", "rejected", "too_long", "no_response")
+_TOKENIZERS: dict = {}  # per Ray worker process: one tokenizer load per path
+
+
+def _tokenizer(path: str, trust_remote_code: bool):
+    key = (path, trust_remote_code)
+    if key not in _TOKENIZERS:
+        from effsft.models.loading import load_tokenizer
+
+        _TOKENIZERS[key] = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    return _TOKENIZERS[key]
+
+
+def tokenize_table(batch: pa.Table, tokenizer_path: str, max_len: int, train_on: str,
+                   truncation: str, trust_remote_code: bool = False) -> pa.Table:
+    """Ray Data ``map_batches`` fn: canonical (or normalised) rows -> token columns + status."""
+    tok = _tokenizer(tokenizer_path, trust_remote_code)
+    rejected = (batch.column("reject_reason").to_pylist() if "reject_reason" in batch.column_names
+                else [None] * batch.num_rows)
+    ids, labels, status, truncated, n_resp = [], [], [], [], []
+    for msgs, why in zip(batch.column("messages").to_pylist(), rejected):
+        e = None if why is not None else encode_chat(tok, msgs, max_len, train_on, truncation)
+        st = ("rejected" if e is None else "too_long" if e.too_long
+              else "no_response" if e.n_response == 0 else "ok")
+        keep = st == "ok"
+        ids.append(e.input_ids if keep else [])
+        labels.append(e.labels if keep else [])
+        status.append(st)
+        truncated.append(bool(e is not None and e.truncated))
+        n_resp.append(e.n_response if keep else 0)
+    return pa.table({
+        "input_ids": pa.array(ids, pa.list_(pa.int32())),
+        "labels": pa.array(labels, pa.list_(pa.int32())),
+        "n_response": pa.array(n_resp, pa.int32()),
+        "truncated": pa.array(truncated, pa.bool_()),
+        "status": pa.array(status, pa.string()),
+    })
+
+
+def source_dataset(path: str, normalize_options, split: str = "train"):
+    """Ray Dataset with a ``messages`` column from any corpus path.
+
+    A prepared corpus (``effsft prepare``: ``data/shard-*.parquet``) or a selection
+    (``effsft select``: ``selected.parquet``) is read directly; anything else goes through
+    the normalising readers (bad rows carry ``reject_reason``).
+    """
+    import ray.data
+
+    from effsft.corpus.prepare import normalised_dataset, read_prepared, shard_paths
+
+    p = Path(path)
+    if p.is_dir() and shard_paths(p):
+        return read_prepared(p)
+    if p.is_dir() and (p / "selected.parquet").is_file():
+        return ray.data.read_parquet(str(p / "selected.parquet"))
+    return normalised_dataset(str(path), normalize_options, split=split)
+
+
+def _keep_ok(t: pa.Table) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return t.filter(pc.equal(t["status"], "ok")).select(["input_ids", "labels", "n_response"])
+
+
+def tokenised_dataset(path: str, normalize_options, tokenizer_path: str, max_len: int,
+                      train_on: str = "all", truncation: str = "left", split: str = "train",
+                      trust_remote_code: bool = False, num_cpus: float = 0.5):
+    """Tokenise a corpus on Ray Data; return ``(dataset of ok rows, counts)``.
+
+    ``counts`` has ``rows_in``, one entry per status, ``truncated`` (prompt cut from the left,
+    row kept) and ``response_tokens``. Both datasets are materialised: the trainer splits the
+    first across workers and the counts size the run.
+    """
+    ds = source_dataset(path, normalize_options, split).map_batches(
+        tokenize_table, batch_format="pyarrow", num_cpus=num_cpus, batch_size=256,
+        fn_kwargs=dict(tokenizer_path=str(tokenizer_path), max_len=max_len, train_on=train_on,
+                       truncation=truncation, trust_remote_code=trust_remote_code)).materialize()
+    status = {s: 0 for s in STATUS}
+    truncated = 0
+    for b in ds.select_columns(["status", "truncated"]).iter_batches(batch_format="pyarrow",
+                                                                      batch_size=None):
+        for s, n in zip(*np.unique(b["status"].to_numpy(zero_copy_only=False), return_counts=True)):
+            status[str(s)] += int(n)
+        truncated += int(np.asarray(b["truncated"]).sum())
+    ok = ds.map_batches(_keep_ok, batch_format="pyarrow", num_cpus=num_cpus).materialize()
+    counts = {"rows_in": sum(status.values()), **{f"rows_{k}": v for k, v in status.items()},
+              "rows_truncated": truncated,
+              "response_tokens": int(ok.sum("n_response")) if status["ok"] else 0}
+    dropped = counts["rows_in"] - counts["rows_ok"]
+    if dropped:
+        log.warning("train data: %d of %d rows not trainable (rejected %d, too_long %d, "
+                    "no_response %d)", dropped, counts["rows_in"], status["rejected"],
+                    status["too_long"], status["no_response"])
+    return ok, counts
+
+
+def steps_per_epoch(rows: int, num_workers: int, micro_batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps in one pass over ``rows`` split equally across workers (the trainer's
+    ``streaming_split(equal=True)`` gives each worker ``rows // num_workers`` rows; partial
+    micro-batches are dropped so every rank runs the same number of steps)."""
+    return (rows // num_workers // micro_batch_size) // grad_accum
+
+
+def _encoded(ids: np.ndarray, labels: np.ndarray) -> Encoded:
+    return Encoded(ids.tolist(), labels.tolist(), 0, int((labels != -100).sum()))
+
+
+def micro_batches(shard, micro_batch_size: int, pad_id: int, *, start_epoch: int = 0,
+                  skip: int = 0, seed: int = 0, shuffle_buffer: int = 0
+                  ) -> Iterator[tuple[int, int, dict]]:
+    """Endless stream of ``(epoch, index_in_epoch, batch)`` from a worker's dataset shard.
+
+    ``batch`` is :func:`effsft.corpus.tokenize.collate`'s dict of ``[B, T]`` tensors. Resuming
+    at ``(start_epoch, skip)`` re-reads that epoch and discards its first ``skip`` micro-batches
+    (the data position saved in a checkpoint).
+    """
+    epoch = start_epoch
+    while True:
+        n = 0
+        it = shard.iter_batches(batch_size=micro_batch_size, drop_last=True, batch_format="numpy",
+                                local_shuffle_buffer_size=shuffle_buffer or None,
+                                local_shuffle_seed=(seed + epoch) if shuffle_buffer else None)
+        for b in it:
+            if n >= skip:
+                enc = [_encoded(i, y) for i, y in zip(b["input_ids"], b["labels"])]
+                yield epoch, n, collate(enc, pad_id)
+            n += 1
+        if n == 0:
+            raise ValueError(f"a worker's data shard has fewer than micro_batch_size="
+                             f"{micro_batch_size} rows: use a larger corpus or fewer workers")
+        epoch, skip = epoch + 1, 0
