@@ -77,26 +77,39 @@ def sft_loss(model: torch.nn.Module, batch: dict, chunk_tokens: int = 1024) -> t
 
 
 def qtuning_loss(model: torch.nn.Module, batch: dict, qtuning: Any, ctx: Any,
-                 chunk_tokens: int, seed: int) -> tuple[torch.Tensor, dict]:
-    """>>> Q-TUNING PLUG-IN POINT <<< (every ``qtuning.method`` other than ``off``).
+                 chunk_tokens: int, seed: int, plot_dir: str | None = None) -> tuple[torch.Tensor, dict]:
+    """Q-Tuning (or one of its baselines) for every ``qtuning.method`` other than ``off``.
 
-    To wire: ``effsft.sft.qtuning_loss.qtuning_step_loss(model, batch, qtuning, step=ctx.step,
-    chunk_tokens=chunk_tokens, all_gather=ctx.all_gather if qtuning.score_scope == "global"
-    else None, rank=ctx.rank)`` (its cfg also wants ``seed``), then drop non-scalar info
-    entries and plot the EU plane on rank 0 every ``qtuning.plot_every`` steps.
+    The selection is :func:`effsft.sft.qtuning.eu_prune`'s pure function, run by
+    :func:`effsft.sft.qtuning_loss.qtuning_step_loss` in ``mask`` or ``two_pass`` mode; with
+    ``score_scope: global`` the per-sample statistics are all-gathered over the data-parallel
+    ranks first. Rank 0 plots the EU plane every ``qtuning.plot_every`` steps.
     """
-    raise NotImplementedError(_NOT_WIRED.format(method=qtuning.method))
+    from effsft.sft.qtuning import log_scalars
+    from effsft.sft.qtuning_loss import QTuningConfig, qtuning_step_loss
+
+    fields = {k: v for k, v in qtuning.model_dump().items() if k in QTuningConfig.__dataclass_fields__}
+    cfg = QTuningConfig(**fields, seed=seed)
+    gather = ctx.all_gather if cfg.score_scope == "global" else None
+    loss, info = qtuning_step_loss(model, batch, cfg, step=ctx.step, chunk_tokens=chunk_tokens,
+                                   all_gather=gather, rank=ctx.rank)
+    if plot_dir and ctx.rank == 0 and ctx.micro_step == 0 and ctx.step % cfg.plot_every == 0:
+        from pathlib import Path
+
+        from effsft.sft.eu_plot import plot_eu_plane
+
+        out = Path(plot_dir) / "qtuning"
+        out.mkdir(parents=True, exist_ok=True)
+        plot_eu_plane(info, out / f"eu_plane_step{ctx.step}.png", title=f"EU plane, step {ctx.step}")
+    return loss, log_scalars(info)
 
 
-_NOT_WIRED = ("qtuning.method={method!r} is not wired into the sft loss yet "
-              "(effsft/sft/loss.py: qtuning_loss); use qtuning.method=off")
-QTUNING_WIRED = False  # set True together with the body of qtuning_loss
-
-
-def check_method(qtuning: Any) -> None:
-    """Fail before any work (driver side) when ``qtuning.method`` cannot run yet."""
-    if qtuning.method != "off" and not QTUNING_WIRED:
-        raise NotImplementedError(_NOT_WIRED.format(method=qtuning.method))
+def check_method(qtuning: Any, zero_stage: int | None = None) -> None:
+    """Fail before any work (driver side) on a combination that cannot run."""
+    if qtuning.method != "off" and zero_stage == 3:
+        # The chunked Q-Tuning loss reads lm_head.weight directly; ZeRO-3 partitions it.
+        raise NotImplementedError("qtuning.method != off needs train.zero_stage <= 2 "
+                                  "(ZeRO-3 partitions the lm_head weight the selection reads)")
 
 
 @dataclass(frozen=True)
@@ -106,8 +119,9 @@ class SFTLoss:
     qtuning: Any            # the recipe's ``qtuning`` section (QTuningSpec)
     chunk_tokens: int = 1024
     seed: int = 0
+    plot_dir: str | None = None  # rank 0 writes qtuning/eu_plane_step{N}.png here
 
     def __call__(self, model: torch.nn.Module, batch: dict, ctx) -> tuple[torch.Tensor, dict]:
         if self.qtuning.method == "off":
             return sft_loss(model, batch, self.chunk_tokens)
-        return qtuning_loss(model, batch, self.qtuning, ctx, self.chunk_tokens, self.seed)
+        return qtuning_loss(model, batch, self.qtuning, ctx, self.chunk_tokens, self.seed, self.plot_dir)

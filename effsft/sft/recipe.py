@@ -112,7 +112,7 @@ def _loop_spec(cfg: SFTConfig, steps: int, work):
     from effsft.train.loop import LoopSpec
 
     return LoopSpec(model_path=_abs(cfg.model.path), train=cfg.train, lora=cfg.lora, fault=cfg.fault,
-                    loss_fn=SFTLoss(cfg.qtuning, cfg.train.chunk_tokens, cfg.train.seed),
+                    loss_fn=SFTLoss(cfg.qtuning, cfg.train.chunk_tokens, cfg.train.seed, plot_dir=str(work)),
                     total_steps=steps, out_dir=str(work), dtype=cfg.model.dtype,
                     trust_remote_code=cfg.model.trust_remote_code,
                     attn_implementation=cfg.model.attn_implementation)
@@ -145,7 +145,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     from effsft.train.loop import METRICS_FILE, read_metrics
     from effsft.train.trainer import fit
 
-    check_method(cfg.qtuning)
+    check_method(cfg.qtuning, cfg.train.zero_stage)
     out = OutputDir(cfg.output, overwrite=cfg.overwrite)
     work = out.open()
     init_ray()

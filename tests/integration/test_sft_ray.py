@@ -73,6 +73,24 @@ def test_sft_zero2_loss_falls_killed_worker_resumes_model_reloads(tiny_model_dir
     assert all(diff)  # full fine-tuning touched every tensor
 
 
+def test_sft_with_qtuning_two_pass_global_scope(tiny_model_dir, tiny_sft_data, tmp_path):
+    """Q-Tuning on 2 ZeRO-2 workers: two_pass mode, selection over the all-gathered batch;
+    the loss falls, quadrant counts are logged and the EU plane is plotted."""
+    out = tmp_path / "sftq"
+    cfg = _cfg(tiny_model_dir, tiny_sft_data, out, max_steps=6)
+    cfg["qtuning"] = {"method": "qtuning", "mode": "two_pass", "score_scope": "global",
+                      "sample_ratio": 0.5, "token_ratio": 0.5, "plot_every": 2}
+    run_sft(build_config(SFTConfig, cfg))
+    rows = read_metrics(out / "metrics.jsonl")
+    assert len(rows) == 6
+    assert all(0 < r["qtuning/n_kept_samples"] <= 4 for r in rows)
+    assert all("qtuning/n_Q2" in r and "qtuning/n_Q4" in r for r in rows)
+    losses = [r["loss"] for r in rows]
+    assert min(losses[-2:]) < losses[0], losses
+    assert (out / "qtuning" / "eu_plane_step0.png").exists()
+    assert (out / "model" / "model.safetensors").exists()
+
+
 @pytest.mark.slow
 def test_rerun_after_crash_resumes_same_step_count(tiny_model_dir, tiny_sft_data, tmp_path):
     out = tmp_path / "sft"

@@ -111,17 +111,27 @@ def test_sft_loss_equals_hand_computed_response_nll(chunk):
         torch.testing.assert_close(p.grad, ref_grads[k].to(p.grad.dtype), rtol=1e-4, atol=1e-6)
 
 
-def test_sft_loss_hook_and_unwired_methods():
+def test_sft_loss_hook_and_qtuning_wiring():
     from effsft.sft.loss import check_method
     from effsft.sft.recipe import QTuningSpec
+    from effsft.train.loop import StepContext
 
     model, batch = _tiny_llama(), _batch()
     loss, _ = SFTLoss(QTuningSpec(), chunk_tokens=4)(model, batch, None)
-    assert float(loss.detach()) == pytest.approx(float(_naive_response_nll(model, batch)[0].detach()), rel=1e-5)
-    with pytest.raises(NotImplementedError, match="qtuning.method='qtuning'"):
-        check_method(QTuningSpec(method="qtuning"))
-    with pytest.raises(NotImplementedError, match="loss.py"):
-        SFTLoss(QTuningSpec(method="random_sample"))(model, batch, None)
+    plain = float(_naive_response_nll(model, batch)[0].detach())
+    assert float(loss.detach()) == pytest.approx(plain, rel=1e-5)
+    ctx = StepContext(0, 0, 1, 0, 1, torch.device("cpu"))
+    # Q-Tuning with both ratios 1 keeps everything: the plain SFT loss (spec §4.7)
+    full, info = SFTLoss(QTuningSpec(method="qtuning", sample_ratio=1.0, token_ratio=1.0),
+                         chunk_tokens=4)(model, batch, ctx)
+    assert float(full.detach()) == pytest.approx(plain, rel=1e-5)
+    assert info["qtuning/n_kept_samples"] == 4
+    pruned, info = SFTLoss(QTuningSpec(method="qtuning", mode="two_pass", sample_ratio=0.5),
+                           chunk_tokens=4)(model, batch, ctx)
+    assert torch.isfinite(pruned) and 2 <= info["qtuning/n_kept_samples"] < 4
+    with pytest.raises(NotImplementedError, match="zero_stage"):
+        check_method(QTuningSpec(method="qtuning"), zero_stage=3)
+    check_method(QTuningSpec(method="qtuning"), zero_stage=2)
 
 
 def test_sft_loss_with_lora_trains_only_adapters():
