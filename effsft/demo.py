@@ -2,7 +2,8 @@
 
 Stages chain through their output directories (each atomic, each skipped when already
 complete, so an interrupted demo resumes):
-synth -> tiny-model -> prepare -> select (k-means + length) -> eval.
+synth -> tiny-model -> prepare -> select (k-means + length) -> sft (DeepSpeed, 2 Ray Train
+workers, Q-Tuning) -> eval (base and fine-tuned model).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class DemoConfig(Strict):
     output: str = "runs/demo"
     rows: int = Field(4000, gt=100)
     eval_rows: int = Field(100, gt=0)
+    sft_steps: int = Field(60, gt=0)
     family: Literal["llama", "qwen2"] = "llama"
     seed: int = 0
 
@@ -57,6 +59,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from effsft.eval.recipe import EvalConfig, run_eval
     from effsft.models.jobs import TinyModelConfig, run_tiny_model
     from effsft.select.recipe import SelectConfig, run_select
+    from effsft.sft.recipe import SFTConfig, run_sft
 
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,13 +72,20 @@ def run_demo(cfg: DemoConfig) -> dict:
         "seed": cfg.seed}, s)
     prepared = _stage("prepare", out, PrepareConfig, run_prepare, {
         "input": {"path": str(corpus / "train")}, "output": str(out / "prepared")}, s)
-    _stage("select", out, SelectConfig, run_select, {
+    selected = _stage("select", out, SelectConfig, run_select, {
         "input": {"path": str(prepared / "data")}, "output": str(out / "selected"),
         "method": "km_length", "budget": 0.5, "seed": cfg.seed, "model": {"path": str(model)},
         "cache_dir": str(out / "cache"), "kmeans": {"k": 8}}, s)
-    _stage("eval", out, EvalConfig, run_eval, {
-        "model": {"path": str(model)}, "output": str(out / "eval"),
-        "data": {"path": str(prepared / "data")}, "eval_split": str(corpus / "eval.parquet"),
-        "limit": cfg.eval_rows, "max_new_tokens": 32}, s)
+    sft = _stage("sft", out, SFTConfig, run_sft, {
+        "model": {"path": str(model)}, "data": {"path": str(selected / "selected.parquet")},
+        "output": str(out / "sft"), "tokenize": {"max_len": 256},
+        "train": {"num_workers": 2, "zero_stage": 2, "micro_batch_size": 8, "lr": 2e-3,
+                  "warmup_steps": 5, "max_steps": cfg.sft_steps, "checkpoint_every": 20, "seed": cfg.seed},
+        "qtuning": {"method": "qtuning", "sample_ratio": 0.5, "token_ratio": 0.5, "plot_every": 20}}, s)
+    for name, m in (("eval_base", model), ("eval_sft", sft / "model")):
+        _stage(name, out, EvalConfig, run_eval, {
+            "model": {"path": str(m)}, "output": str(out / name),
+            "data": {"path": str(corpus / "eval.parquet")}, "eval_split": str(corpus / "eval.parquet"),
+            "limit": cfg.eval_rows, "max_new_tokens": 32}, s)
     (out / "demo_summary.json").write_text(json.dumps(s, indent=2, default=str))
     return s

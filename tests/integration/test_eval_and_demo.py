@@ -34,13 +34,14 @@ def test_eval_bad_config_fails_fast(tmp_path, capsys):
 
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--output", str(out), "--rows", "600", "--eval_rows", "16"]) == 0
+    args = ["demo", "--output", str(out), "--rows", "600", "--eval_rows", "16", "--sft_steps", "4"]
+    assert main(args) == 0
     summary = json.loads((out / "demo_summary.json").read_text())
-    assert set(summary) >= {"synth", "tiny_model", "prepare", "select", "eval"}
+    assert set(summary) >= {"synth", "tiny_model", "prepare", "select", "sft", "eval_base", "eval_sft"}
     assert summary["select"]["rows_selected"] > 0
-    for stage in ("corpus", "model", "prepared", "selected", "eval"):
+    for stage in ("corpus", "model", "prepared", "selected", "sft", "eval_base", "eval_sft"):
         assert (out / stage / "_SUCCESS").exists(), stage
     # a second run resumes: every stage is reused
-    assert main(["demo", "--output", str(out), "--rows", "600", "--eval_rows", "16"]) == 0
+    assert main(args) == 0
     again = json.loads((out / "demo_summary.json").read_text())
     assert all(v.get("reused") for v in again.values())
