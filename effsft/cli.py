@@ -35,6 +35,11 @@ JOBS: dict[str, Job] = {
     "eval": Job("effsft.eval.recipe:EvalConfig", "effsft.eval.recipe:run_eval",
                 {"model": "model.path", "data": "data.path"},
                 help="perplexity + exact-match accuracy"),
+    "prune": Job("effsft.prune.recipe:PruneConfig", "effsft.prune.recipe:run_prune",
+                  {"model": "model.path", "data": "prune.calib.data.path",
+                   "eval_data": "prune.eval.data.path", "method": "prune.method",
+                   "criterion": "prune.criterion", "sparsity": "prune.sparsity"},
+                  help="DLP/OWL/uniform layerwise pruning (Wanda/SparseGPT/magnitude)"),
     "demo": Job("effsft.demo:DemoConfig", "effsft.demo:run_demo",
                 help="the whole pipeline on an embedded local Ray with a tiny model"),
 }
