@@ -53,7 +53,7 @@ def plot_sweep(rows: list[dict], path: str | Path, ppl_dense: float | None = Non
     """Perplexity vs target sparsity, one line per (method, stat, criterion), log scale.
 
     Args:
-        rows: comparison rows with ``method``, ``stat``, ``criterion``, ``sparsity``, ``ppl``.
+        rows: comparison rows with ``run`` (e.g. ``dlp-median_wanda_s0.70``), ``sparsity``, ``ppl``.
         path: output PNG path.
         ppl_dense: drawn as a horizontal line when given.
 
@@ -65,9 +65,11 @@ def plot_sweep(rows: list[dict], path: str | Path, ppl_dense: float | None = Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import re
+
     series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
-        label = f"{r['method']}{'-' + r['stat'] if r.get('stat') not in (None, '-') else ''} / {r['criterion']}"
+        label = re.sub(r"_s[0-9.]+", "", r["run"])  # the run's name without its sparsity
         series.setdefault(label, []).append((r["sparsity"], r["ppl"]))
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for label, pts in sorted(series.items()):

@@ -112,12 +112,14 @@ class PruneSection(Strict):
 
 
 class SweepSpec(Strict):
-    """Grid of configurations; a missing list means ``[prune.<key>]``. ``stat`` only varies DLP."""
+    """Grid of configurations; a missing list means ``[prune.<key>]``. ``stat`` and ``alpha``
+    only vary DLP."""
 
     sparsity: Optional[list[Sparsity]] = None
     method: Optional[list[Method]] = None
     criterion: Optional[list[Criterion]] = None
     stat: Optional[list[Stat]] = None
+    alpha: Optional[list[Annotated[float, Field(ge=0, le=0.5)]]] = None
     save_models: bool = False                 # a pruned model/ per configuration
     max_parallel: Optional[int] = Field(None, gt=0)  # tasks in flight (None: as Ray schedules)
 
@@ -159,23 +161,26 @@ def settings_dict(p: PruneSection, **override) -> dict:
 def sweep_grid(cfg: PruneConfig) -> list[dict]:
     """The sweep's configurations as ``PruneSettings`` kwargs, in a stable order, deduplicated.
 
-    ``stat`` only matters for DLP, so uniform and OWL appear once per (criterion, sparsity).
+    ``stat`` and ``alpha`` only matter for DLP, so uniform and OWL appear once per
+    (criterion, sparsity).
     """
     p, sw = cfg.prune, cfg.sweep
     grid, seen = [], set()
-    for s, crit, method, stat in itertools.product(sw.sparsity or [p.sparsity], sw.criterion or [p.criterion],
-                                                  sw.method or [p.method], sw.stat or [p.stat]):
-        key = (s, crit, method, stat if method == "dlp" else "-")
+    for s, crit, method, stat, alpha in itertools.product(
+            sw.sparsity or [p.sparsity], sw.criterion or [p.criterion], sw.method or [p.method],
+            sw.stat or [p.stat], sw.alpha or [p.alpha]):
+        key = (s, crit, method) + ((stat, alpha) if method == "dlp" else ())
         if key not in seen:
             seen.add(key)
-            grid.append(settings_dict(p, sparsity=s, criterion=crit, method=method, stat=stat))
+            grid.append(settings_dict(p, sparsity=s, criterion=crit, method=method, stat=stat, alpha=alpha))
     return grid
 
 
-def run_name(s: dict) -> str:
-    """Folder name of one configuration, e.g. ``dlp-median_wanda_s0.70``."""
+def run_name(s: dict, with_alpha: bool = False) -> str:
+    """Folder name of one configuration, e.g. ``dlp-median_wanda_s0.70`` (``..._a0.15``)."""
     method = f"dlp-{s['stat']}" if s["method"] == "dlp" else s["method"]
-    return f"{method}_{s['criterion']}_s{s['sparsity']:.2f}"
+    alpha = f"_a{s['alpha']:g}" if with_alpha and s["method"] == "dlp" else ""
+    return f"{method}_{s['criterion']}_s{s['sparsity']:.2f}{alpha}"
 
 
 # ----------------------------------------------------------------------------- data (driver)
@@ -320,18 +325,65 @@ def prune_task(model_spec: dict, settings: dict, calib, windows, save_dir: str |
     return res
 
 
-def _submit_all(remote_fn, calls: list[tuple], max_parallel: int | None) -> list[dict]:
-    """Run ``remote_fn.remote(*args)`` for every call, at most ``max_parallel`` in flight."""
+def _submit_all(remote_fn, calls: dict[int, tuple], max_parallel: int | None, on_done) -> None:
+    """Run ``remote_fn.remote(*args)`` for every call, at most ``max_parallel`` in flight;
+    ``on_done(i, result)`` as each finishes (so a crash loses only the runs in flight)."""
     import ray
 
-    refs, pending, results = {}, list(enumerate(calls)), {}
+    refs, pending = {}, list(calls.items())
     while pending or refs:
         while pending and (max_parallel is None or len(refs) < max_parallel):
             i, args = pending.pop(0)
             refs[remote_fn.remote(*args)] = i
         done, _ = ray.wait(list(refs), num_returns=1)
-        results[refs.pop(done[0])] = ray.get(done[0])
-    return [results[i] for i in range(len(calls))]
+        on_done(refs.pop(done[0]), ray.get(done[0]))
+
+
+RESULT_FILE = "_task_result.json"   # a finished run's raw result (resume); "_" keeps it out of fingerprints
+CONFIG_FILE = "_config.json"        # the config the partial results belong to
+
+
+def _reusable_results(work: Path, cfg: PruneConfig, dirs: list[Path]) -> dict[int, dict]:
+    """Finished runs of an interrupted job with the same config (resume); else nothing."""
+    import json
+
+    now = {k: v for k, v in to_dict(cfg).items() if k != "overwrite"}
+    f = work / CONFIG_FILE
+    same = f.exists() and json.loads(f.read_text()) == now
+    atomic_write_json(f, now)
+    if not same:
+        return {}
+    return {i: json.loads((d / RESULT_FILE).read_text()) for i, d in enumerate(dirs) if (d / RESULT_FILE).exists()}
+
+
+def run_tasks(cfg: PruneConfig, work: Path, grid: list[dict], dirs: list[Path], calib, windows,
+              num_gpus: float) -> list[dict]:
+    """One Ray task per configuration (finished ones of an interrupted run are reused)."""
+    import ray
+
+    results = _reusable_results(work, cfg, dirs)
+    if results:
+        log.info("prune: resuming, reusing %d finished run(s)", len(results))
+    task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=num_gpus)(prune_task)
+    spec, threads = cfg.model.model_dump(), max(1, int(cfg.num_cpus))
+    calib_ref, windows_ref = ray.put(calib), ray.put(windows)
+    save = cfg.sweep.save_models if cfg.sweep else cfg.save_model
+    need_dense = not any(r.get("ppl_dense") is not None for r in results.values())
+    calls = {}
+    for i, (s, d) in enumerate(zip(grid, dirs)):
+        if i not in results:
+            calls[i] = (spec, s, calib_ref, windows_ref, str(d / "model") if save else None, need_dense, threads)
+            need_dense = False  # the dense model is measured once, by the first task submitted
+
+    def done(i: int, res: dict) -> None:
+        dirs[i].mkdir(parents=True, exist_ok=True)
+        atomic_write_json(dirs[i] / RESULT_FILE, res)
+        results[i] = res
+        log.info("prune: %d/%d runs done (%s: ppl %.4g)", len(results), len(grid),
+                 run_name(grid[i]), res["ppl_pruned"])
+
+    _submit_all(task, calls, cfg.sweep.max_parallel if cfg.sweep else 1, done)
+    return [results[i] for i in range(len(grid))]
 
 
 # ----------------------------------------------------------------------------- reports (driver)
@@ -378,8 +430,9 @@ def write_run(run_dir: Path, res: dict, ppl_dense: float | None, title: str) -> 
 def comparison_row(name: str, res: dict) -> dict:
     rep = res["report"]
     s = rep["settings"]
-    return {"run": name, "method": rep["effective"]["method"], "stat": s["stat"] if s["method"] == "dlp" else "-",
-            "criterion": s["criterion"], "sparsity": rep["global"]["target"],
+    dlp = s["method"] == "dlp"
+    return {"run": name, "method": rep["effective"]["method"], "stat": s["stat"] if dlp else "-",
+            "alpha": s["alpha"] if dlp else "-", "criterion": s["criterion"], "sparsity": rep["global"]["target"],
             "achieved": rep["global"]["achieved_prunable"], "ppl": res["ppl_pruned"],
             "prune_s": rep["timings"]["total_s"], "peak_host_mib": res["peak_host_mib"],
             "peak_device_mib": res.get("peak_device_mib")}
@@ -390,7 +443,7 @@ def write_comparison(out: Path, rows: list[dict], ppl_dense: float | None, title
     from effsft.report.plots import md_table, write_report
 
     atomic_write_json(out / "comparison.json", {"ppl_dense": ppl_dense, "rows": rows})
-    cols = ["run", "method", "stat", "criterion", "sparsity", "achieved", "ppl", "prune_s", "peak_host_mib"]
+    cols = ["run", "method", "stat", "alpha", "criterion", "sparsity", "achieved", "ppl", "prune_s", "peak_host_mib"]
     if any(r["peak_device_mib"] is not None for r in rows):
         cols.append("peak_device_mib")
     dense = f"dense perplexity: **{ppl_dense:.4g}**" if ppl_dense is not None else ""
@@ -422,30 +475,21 @@ def _load_data(cfg: PruneConfig) -> tuple:
 
 def run_prune(cfg: PruneConfig) -> dict:
     """Set up (Ray, data), run the pruning task(s), write the reports, commit the output."""
-    import ray
-
     from effsft.report.manifest import fingerprint, write_manifest
 
     out = OutputDir(cfg.output, overwrite=cfg.overwrite)
-    work = out.open()
     ray_desc = init_ray()
     timings: dict = {}
     with timed(timings, "data"):
-        calib, windows, data = _load_data(cfg)
+        calib, windows, data = _load_data(cfg)  # may raise ConfigError: before any directory exists
+    work = out.open()
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1.0 if _cluster_gpus() > 0 else 0.0)
-    task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=num_gpus)(prune_task)
-    spec = cfg.model.model_dump()
-    calib_ref, windows_ref = ray.put(calib), ray.put(windows)
-    threads = max(1, int(cfg.num_cpus))
     grid = sweep_grid(cfg) if cfg.sweep else [settings_dict(cfg.prune)]
-    names = [run_name(s) for s in grid]
-    save = cfg.sweep.save_models if cfg.sweep else cfg.save_model
+    names = [run_name(s, with_alpha=bool(cfg.sweep and cfg.sweep.alpha)) for s in grid]
     dirs = [work / n if cfg.sweep else work for n in names]
-    calls = [(spec, s, calib_ref, windows_ref, str(d / "model") if save else None, i == 0, threads)
-             for i, (s, d) in enumerate(zip(grid, dirs))]
     with timed(timings, "prune_tasks"):
-        results = _submit_all(task, calls, cfg.sweep.max_parallel if cfg.sweep else 1)
-    ppl_dense = results[0]["ppl_dense"]
+        results = run_tasks(cfg, work, grid, dirs, calib, windows, num_gpus)
+    ppl_dense = next((r["ppl_dense"] for r in results if r.get("ppl_dense") is not None), None)
     with timed(timings, "reports"):
         for d, n, res in zip(dirs, names, results):
             d.mkdir(parents=True, exist_ok=True)

@@ -78,11 +78,12 @@ def test_prune_cli_single_run(tiny_model_dir, synth_corpus, tmp_path, capsys):
     assert perplexity(model.eval(), windows, "cpu", 4) == pytest.approx(ppl_p, rel=1e-4)
 
 
-def test_prune_sweep_writes_comparison(tiny_model_dir, synth_corpus, tmp_path, capsys):
+def test_prune_sweep_comparison_and_resume(tiny_model_dir, synth_corpus, tmp_path, capsys):
     out = tmp_path / "sweep"
-    rc = main(["prune", "--model", str(tiny_model_dir), "--data", str(synth_corpus / "train"),
-               "--output", str(out), "sweep.method=[uniform,dlp]", "sweep.criterion=[wanda,sparsegpt]",
-               "sweep.sparsity=[0.6]", "prune.stat=mean", *SMALL])
+    args = ["prune", "--model", str(tiny_model_dir), "--data", str(synth_corpus / "train"),
+            "--output", str(out), "sweep.method=[uniform,dlp]", "sweep.criterion=[wanda,sparsegpt]",
+            "sweep.sparsity=[0.6]", "prune.stat=mean", "sweep.max_parallel=2", *SMALL]
+    rc = main(args)
     assert rc == 0, capsys.readouterr().err
     names = ["uniform_wanda_s0.60", "dlp-mean_wanda_s0.60", "uniform_sparsegpt_s0.60", "dlp-mean_sparsegpt_s0.60"]
     table = (out / "comparison.md").read_text()
@@ -100,6 +101,20 @@ def test_prune_sweep_writes_comparison(tiny_model_dir, synth_corpus, tmp_path, c
     # eval.data unset: held-out documents of the calibration corpus after the calibration ones
     assert m["counts"]["runs"] == 4 and m["counts"]["eval_docs"] == 120 and m["counts"]["calib_docs"] == 300
     assert math.isfinite(m["metrics"]["ppl_dense"])
+
+    # resume: an interrupted sweep reuses its finished runs and redoes only the missing one
+    partial = out.with_name("sweep.partial")
+    out.rename(partial)
+    (partial / "_SUCCESS").unlink()
+    (partial / names[3] / "_task_result.json").unlink()
+    reused = partial / names[0] / "_task_result.json"
+    res0 = json.loads(reused.read_text())
+    res0["ppl_pruned"] = 12345.0  # a marker: only a reused result carries it
+    reused.write_text(json.dumps(res0))
+    assert main(args) == 0, capsys.readouterr().err
+    again = {r["run"]: r for r in json.loads((out / "comparison.json").read_text())["rows"]}
+    assert again[names[0]]["ppl"] == 12345.0
+    assert again[names[3]]["ppl"] == pytest.approx(rows[3]["ppl"], rel=1e-6)  # recomputed, deterministic
 
 
 def test_prune_bad_config_exit_2_names_key(tiny_model_dir, synth_corpus, tmp_path, capsys):
