@@ -356,8 +356,8 @@ def _reusable_results(work: Path, cfg: PruneConfig, dirs: list[Path]) -> dict[in
     return {i: json.loads((d / RESULT_FILE).read_text()) for i, d in enumerate(dirs) if (d / RESULT_FILE).exists()}
 
 
-def run_tasks(cfg: PruneConfig, work: Path, grid: list[dict], dirs: list[Path], calib, windows,
-              num_gpus: float) -> list[dict]:
+def run_tasks(cfg: PruneConfig, work: Path, grid: list[dict], names: list[str], dirs: list[Path], calib,
+              windows, num_gpus: float) -> list[dict]:
     """One Ray task per configuration (finished ones of an interrupted run are reused)."""
     import ray
 
@@ -379,8 +379,7 @@ def run_tasks(cfg: PruneConfig, work: Path, grid: list[dict], dirs: list[Path], 
         dirs[i].mkdir(parents=True, exist_ok=True)
         atomic_write_json(dirs[i] / RESULT_FILE, res)
         results[i] = res
-        log.info("prune: %d/%d runs done (%s: ppl %.4g)", len(results), len(grid),
-                 run_name(grid[i]), res["ppl_pruned"])
+        log.info("prune: %d/%d runs done (%s: ppl %.4g)", len(results), len(grid), names[i], res["ppl_pruned"])
 
     _submit_all(task, calls, cfg.sweep.max_parallel if cfg.sweep else 1, done)
     return [results[i] for i in range(len(grid))]
@@ -488,7 +487,7 @@ def run_prune(cfg: PruneConfig) -> dict:
     names = [run_name(s, with_alpha=bool(cfg.sweep and cfg.sweep.alpha)) for s in grid]
     dirs = [work / n if cfg.sweep else work for n in names]
     with timed(timings, "prune_tasks"):
-        results = run_tasks(cfg, work, grid, dirs, calib, windows, num_gpus)
+        results = run_tasks(cfg, work, grid, names, dirs, calib, windows, num_gpus)
     ppl_dense = next((r["ppl_dense"] for r in results if r.get("ppl_dense") is not None), None)
     with timed(timings, "reports"):
         for d, n, res in zip(dirs, names, results):
