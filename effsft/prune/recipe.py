@@ -515,7 +515,8 @@ def run_prune(cfg: PruneConfig) -> dict:
 
 
 def demo_config(model_dir: str, corpus_dir: str, output: str, sparsity: float = 0.5) -> dict:
-    """Config data for the demo's prune stage (tiny model, small calibration).
+    """Config data for the demo's prune stage (tiny model, small calibration; needs >= 300
+    good rows in ``corpus_dir``: 200 for calibration, the next 100 held out for perplexity).
 
     ``effsft.demo`` can run it as ``_stage("prune", out, PruneConfig, run_prune,
     demo_config(model, prepared / "data", out / "prune"), summary)``.
@@ -523,5 +524,5 @@ def demo_config(model_dir: str, corpus_dir: str, output: str, sparsity: float = 
     return {"model": {"path": str(model_dir)}, "output": str(output),
             "prune": {"method": "dlp", "criterion": "wanda", "sparsity": sparsity, "stat": "median",
                       "calib": {"data": {"path": str(corpus_dir)}, "n_samples": 16, "seqlen": 128,
-                                "max_docs": 1000},
-                      "eval": {"n_windows": 8, "max_docs": 300}, "batch_size": 8}}
+                                "max_docs": 200},
+                      "eval": {"n_windows": 8, "max_docs": 100}, "batch_size": 8}}

@@ -143,3 +143,11 @@ def test_shipped_prune_config_is_valid(tiny_model_dir, synth_corpus):
                       if line.startswith("# sweep:") or line.startswith("#   "))
     swept = build_config(PruneConfig, {**data, **yaml.safe_load(block)})
     assert len(sweep_grid(swept)) == 3 * 2 * 4
+
+
+def test_demo_config_is_valid(tiny_model_dir, synth_corpus, tmp_path):
+    from effsft.config import build_config
+    from effsft.prune.recipe import PruneConfig, demo_config
+
+    cfg = build_config(PruneConfig, demo_config(tiny_model_dir, synth_corpus / "train", tmp_path / "p"))
+    assert cfg.prune.method == "dlp" and cfg.sweep is None and cfg.prune.eval.data is None
