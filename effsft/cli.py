@@ -41,6 +41,11 @@ JOBS: dict[str, Job] = {
     "sft": Job("effsft.sft.recipe:SFTConfig", "effsft.sft.recipe:run_sft",
                 {"model": "model.path", "data": "data.path"},
                 help="DeepSpeed SFT on Ray Train (Q-Tuning hook, LoRA, checkpoint/resume)"),
+    "prune": Job("effsft.prune.recipe:PruneConfig", "effsft.prune.recipe:run_prune",
+                  {"model": "model.path", "data": "prune.calib.data.path",
+                   "eval_data": "prune.eval.data.path", "method": "prune.method",
+                   "criterion": "prune.criterion", "sparsity": "prune.sparsity"},
+                  help="DLP/OWL/uniform layerwise pruning (Wanda/SparseGPT/magnitude)"),
     "demo": Job("effsft.demo:DemoConfig", "effsft.demo:run_demo",
                 help="the whole pipeline on an embedded local Ray with a tiny model"),
 }

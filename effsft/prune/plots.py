@@ -47,3 +47,44 @@ def plot_block_sparsity(report: dict, path: str | Path, title: str | None = None
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def plot_sweep(rows: list[dict], path: str | Path, ppl_dense: float | None = None) -> Path:
+    """Perplexity vs target sparsity, one line per (method, stat, criterion), log scale.
+
+    Args:
+        rows: comparison rows with ``run`` (e.g. ``dlp-median_wanda_s0.70``), ``sparsity``, ``ppl``.
+        path: output PNG path.
+        ppl_dense: drawn as a horizontal line when given.
+
+    Returns:
+        The written path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import re
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        label = re.sub(r"_s[0-9.]+", "", r["run"])  # the run's name without its sparsity
+        series.setdefault(label, []).append((r["sparsity"], r["ppl"]))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+    if ppl_dense is not None:
+        ax.axhline(ppl_dense, color="grey", lw=1, ls=":", label=f"dense {ppl_dense:.3g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("target sparsity")
+    ax.set_ylabel("perplexity (log)")
+    ax.set_title("pruned perplexity")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -129,7 +129,8 @@ def test_yaml_lists_every_key(job):
     """The YAML is the schema (STYLE.md): every key of every section present is written out."""
     cls = config_class(job)
     for prefix, section, data in _model_sections(cls, load_yaml(yaml_for(job))):
-        missing = set(section.model_fields) - set(data)
+        keys = {f.alias or name for name, f in section.model_fields.items()}  # YAML spells aliases
+        missing = keys - set(data)
         assert not missing, f"{yaml_for(job).name}: {prefix or '<top>'} lacks {sorted(missing)}"
 
 
