@@ -3,7 +3,7 @@
 Stages chain through their output directories (each atomic, each skipped when already
 complete, so an interrupted demo resumes):
 synth -> tiny-model -> prepare -> select (k-means + length) -> sft (DeepSpeed, 2 Ray Train
-workers, Q-Tuning) -> eval (base and fine-tuned model).
+workers, Q-Tuning) -> prune (DLP + Wanda, 50%) -> eval (base, fine-tuned and pruned model).
 """
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from effsft.corpus.jobs import PrepareConfig, SynthConfig, run_prepare, run_synth
     from effsft.eval.recipe import EvalConfig, run_eval
     from effsft.models.jobs import TinyModelConfig, run_tiny_model
+    from effsft.prune.recipe import PruneConfig, demo_config, run_prune
     from effsft.select.recipe import SelectConfig, run_select
     from effsft.sft.recipe import SFTConfig, run_sft
 
@@ -82,7 +83,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         "train": {"num_workers": 2, "zero_stage": 2, "micro_batch_size": 8, "lr": 2e-3,
                   "warmup_steps": 5, "max_steps": cfg.sft_steps, "checkpoint_every": 20, "seed": cfg.seed},
         "qtuning": {"method": "qtuning", "sample_ratio": 0.5, "token_ratio": 0.5, "plot_every": 20}}, s)
-    for name, m in (("eval_base", model), ("eval_sft", sft / "model")):
+    pruned = _stage("prune", out, PruneConfig, run_prune,
+                    demo_config(sft / "model", prepared / "data", out / "prune", sparsity=0.5), s)
+    for name, m in (("eval_base", model), ("eval_sft", sft / "model"), ("eval_pruned", pruned / "model")):
         _stage(name, out, EvalConfig, run_eval, {
             "model": {"path": str(m)}, "output": str(out / name),
             "data": {"path": str(corpus / "eval.parquet")}, "eval_split": str(corpus / "eval.parquet"),

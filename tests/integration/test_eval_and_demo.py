@@ -37,9 +37,11 @@ def test_demo_end_to_end(tmp_path, capsys):
     args = ["demo", "--output", str(out), "--rows", "600", "--eval_rows", "16", "--sft_steps", "4"]
     assert main(args) == 0
     summary = json.loads((out / "demo_summary.json").read_text())
-    assert set(summary) >= {"synth", "tiny_model", "prepare", "select", "sft", "eval_base", "eval_sft"}
+    assert set(summary) >= {"synth", "tiny_model", "prepare", "select", "sft", "prune", "eval_base",
+                           "eval_sft", "eval_pruned"}
     assert summary["select"]["rows_selected"] > 0
-    for stage in ("corpus", "model", "prepared", "selected", "sft", "eval_base", "eval_sft"):
+    for stage in ("corpus", "model", "prepared", "selected", "sft", "prune", "eval_base", "eval_sft",
+                  "eval_pruned"):
         assert (out / stage / "_SUCCESS").exists(), stage
     # a second run resumes: every stage is reused
     assert main(args) == 0
