@@ -89,6 +89,18 @@ def normalised_dataset(input_path: str, opts: NormalizeOptions, split: str = "tr
         batch_size=batch_size, num_cpus=num_cpus, zero_copy_batch=True)
 
 
+def _good_rows(t: pa.Table) -> pa.Table:
+    return t.filter(pc.is_null(t["reject_reason"]))
+
+
+def first_good_rows(spec, limit: int) -> list[dict]:
+    """The first ``limit`` normalised rows (``id``, ``messages``) of any corpus (a CorpusSpec),
+    through the same readers and normaliser as every job; rejects are skipped."""
+    ds = normalised_dataset(spec.path, spec.normalize_options(), split=spec.split)
+    ds = ds.map_batches(_good_rows, batch_format="pyarrow", num_cpus=0.25)
+    return ds.select_columns(["id", "messages"]).limit(limit).take_all()
+
+
 def prepare_corpus(input_path: str, out_dir: str | os.PathLike, *, opts: NormalizeOptions = NormalizeOptions(),
                    shard_rows: int = 50_000, split: str = "train", num_cpus: float = 0.5,
                    progress: bool = True) -> CorpusCounts:

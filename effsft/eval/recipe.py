@@ -11,6 +11,7 @@ from typing import Optional
 from pydantic import Field, model_validator
 
 from effsft.config import CorpusSpec, ExistingPath, ModelSpec, Strict, to_dict
+from effsft.corpus.prepare import first_good_rows
 from effsft.runtime import OutputDir, init_ray, timed
 
 log = logging.getLogger("effsft.eval")
@@ -36,21 +37,6 @@ class EvalConfig(Strict):
         if self.data is None and self.eval_split is None:
             raise ValueError("data / eval_split: give at least one")
         return self
-
-
-def _good_rows(t):
-    import pyarrow.compute as pc
-
-    return t.filter(pc.is_null(t["reject_reason"]))
-
-
-def _canonical_rows(spec: CorpusSpec, limit: int) -> list[dict]:
-    """First ``limit`` good rows of any corpus, through the normalising readers."""
-    from effsft.corpus.prepare import normalised_dataset
-
-    ds = normalised_dataset(spec.path, spec.normalize_options(), split=spec.split)
-    ds = ds.map_batches(_good_rows, batch_format="pyarrow", num_cpus=0.25)
-    return ds.select_columns(["id", "messages"]).limit(limit).take_all()
 
 
 def _eval_rows(path: str, limit: int) -> list[dict]:
@@ -96,7 +82,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     init_ray()
     timings: dict = {}
     with timed(timings, "read"):
-        ppl_rows = _canonical_rows(cfg.data, cfg.limit) if cfg.data else None
+        ppl_rows = first_good_rows(cfg.data, cfg.limit) if cfg.data else None
         em_rows = _eval_rows(cfg.eval_split, cfg.limit) if cfg.eval_split else None
     task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(evaluate)
     with timed(timings, "evaluate"):

@@ -188,9 +188,9 @@ def run_name(s: dict, with_alpha: bool = False) -> str:
 
 def read_conversations(spec: CorpusSpec, limit: int) -> list[list[dict]]:
     """First ``limit`` good conversations of any corpus, through the normalising readers."""
-    from effsft.eval.recipe import _canonical_rows
+    from effsft.corpus.prepare import first_good_rows
 
-    return [r["messages"] for r in _canonical_rows(spec, limit)]
+    return [r["messages"] for r in first_good_rows(spec, limit)]
 
 
 def tokenize_documents(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
