@@ -139,8 +139,9 @@ def test_shipped_prune_config_is_valid(tiny_model_dir, synth_corpus):
     cfg = build_config(PruneConfig, data)
     assert cfg.prune.method == "dlp" and cfg.prune.owl.lam == 0.08 and cfg.sweep is None
     # the commented-out sweep block is valid too: 3 s x 2 criteria x (uniform, owl, dlp-mean, dlp-median)
-    block = "\n".join(line[2:] for line in text.splitlines()
-                      if line.startswith("# sweep:") or line.startswith("#   "))
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# sweep:"))
+    block = "\n".join(line[2:] for line in lines[start:] if line.startswith("#"))
     swept = build_config(PruneConfig, {**data, **yaml.safe_load(block)})
     assert len(sweep_grid(swept)) == 3 * 2 * 4
 
