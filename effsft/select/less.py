@@ -64,6 +64,8 @@ __all__ = [
     "less_warmup",
     "load_checkpoint",
     "gradient_features",
+    "prepare_checkpoints",
+    "load_target_means",
 ]
 
 PROJECTOR_VERSION = "rademacher-blake2b-v1"
@@ -493,3 +495,50 @@ def gradient_features(model: torch.nn.Module, tokenizer, messages_list, projecto
             g = adam_features(g, ckpt.exp_avg, ckpt.exp_avg_sq)
         feats[idx] = normalize_rows(projector.project(g)).cpu().numpy()
     return feats, status
+
+
+# ----------------------------------------------------------------------------- warm-up stage
+TARGET_FILE = "target.npz"
+
+
+def prepare_checkpoints(model_path: str, warmup_messages, target_messages, target_groups: Sequence,
+                        out_dir: str | Path, s: WarmupSettings, proj_dim: int = 8192, proj_seed: int = 0,
+                        device: str = "cpu", method: str = "vmap", trust_remote_code: bool = False) -> dict:
+    """Warm-up, then the target features of every checkpoint (what the select job runs once).
+
+    Writes the :func:`less_warmup` checkpoints under ``out_dir`` and, in each, ``target.npz``
+    with ``feats`` [M', d] (normalised projected plain gradients of the M' target rows that
+    could be encoded) and ``groups`` [M'] (their subtask labels).
+
+    Returns:
+        ``{"checkpoints": [{"path", "epoch", "mean_lr"}], "n_params", "projector_checksum",
+        "target_rows", "subtasks"}`` (JSON-able).
+    """
+    from effsft.models.loading import load_model, load_tokenizer
+
+    def base():
+        return load_model(model_path, dtype="float32", device=device, trust_remote_code=trust_remote_code)
+
+    tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    paths = less_warmup(base(), tok, warmup_messages, out_dir, s)
+    info: dict = {"checkpoints": []}
+    groups = np.asarray([str(x) for x in target_groups])
+    for path in paths:
+        model, ck = load_checkpoint(base(), path, s.lora)
+        proj = RademacherProjector(len(ck.exp_avg), proj_dim, proj_seed)
+        feats, status = gradient_features(model, tok, target_messages, proj, ck, adam=False, max_len=s.max_len,
+                                          micro_batch_size=s.micro_batch_size, method=method)
+        ok = np.asarray(status) == STATUS_OK
+        if not ok.any():
+            raise ValueError("LESS: no target row could be encoded")
+        np.savez(path / TARGET_FILE, feats=feats[ok], groups=groups[ok])
+        info["checkpoints"].append({"path": str(path), "epoch": ck.epoch, "mean_lr": ck.mean_lr})
+        info.update(n_params=len(ck.exp_avg), projector_checksum=proj.checksum, target_rows=int(ok.sum()),
+                    subtasks=sorted(set(groups[ok].tolist())))
+    return info
+
+
+def load_target_means(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """Subtask names and mean target features [S, d] of one checkpoint's ``target.npz``."""
+    z = np.load(Path(path) / TARGET_FILE)
+    return subtask_means(z["feats"], z["groups"].tolist())

@@ -148,7 +148,8 @@ def _tiny_llama(seed=0):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=136, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128)
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                      attn_implementation="eager")  # eager: vmap has batching rules for all of it
     return LlamaForCausalLM(cfg).eval()
 
 
