@@ -70,7 +70,7 @@ def test_every_method_end_to_end(method, small_corpus, tiny_model_dir, shared):
         assert m["metrics"]["score_pool"]["n"] == m["counts"]["rows_in"] - m["counts"]["rows_rejected"]
     if method == "less":
         d = m["method_details"]["less"]
-        assert len(d["mean_lrs"]) == 2 and abs(sum(d["eta_bar"]) - 1) < 1e-9 and d["target_rows"] == 12
+        assert len(d["mean_lrs"]) == 2 and abs(sum(d["eta_bar"]) - 1) < 1e-9 and 0 < d["target_rows"] <= 12
         assert len(d["projector_checksum"]) == 32 and len(m["scoring"]) == 2  # one store per checkpoint
         assert m["counts"]["status"]["less_target"] == 12  # the holdout target is never selected
     if method.startswith("km") or method == "kmeans":
