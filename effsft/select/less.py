@@ -373,7 +373,8 @@ def _save_checkpoint(path: Path, model, opt, names: list[str], epoch: int, mean_
     for n in names:
         st = opt.state.get(params[n], {})
         for k in ("exp_avg", "exp_avg_sq"):
-            moments[f"{k}/{n}"] = (st[k] if k in st else torch.zeros_like(params[n])).detach().float().cpu().contiguous()
+            t = st[k] if k in st else torch.zeros_like(params[n])  # a parameter never stepped
+            moments[f"{k}/{n}"] = t.detach().float().cpu().contiguous()
     save_file(moments, str(path / "moments.safetensors"))
     (path / "info.json").write_text(json.dumps({"epoch": epoch, "mean_lr": mean_lr, "steps": steps,
                                                 "names": names}, indent=1))

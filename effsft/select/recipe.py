@@ -332,7 +332,8 @@ def _less_task(model_path, warm_msgs, tgt_msgs, groups, work, settings, cfg: Sel
 
 
 def less_scores(cfg: SelectConfig, cache: Path, shards: list[Path], ids_by_shard: list[pa.Array],
-                ranks: np.ndarray, corpus_fp: str, marker_dir: Path, scoring: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+                ranks: np.ndarray, corpus_fp: str, marker_dir: Path,
+                scoring: dict) -> tuple[np.ndarray, np.ndarray, dict]:
     """(score [N], status [N], details): one scorer pool per checkpoint, combined on the driver."""
     from effsft.report.manifest import fingerprint
     from effsft.select.less import combine_checkpoints, eta_bar
