@@ -8,9 +8,10 @@ Stages (each a function below):
   4. ``choose``    the selection rule on the driver over N-length columns
   5. ``write``     selected.parquet/jsonl, scores.parquet, rejects.parquet, manifest, report
 
-Methods: random, random_stratified, length, ce, ppl, entropy, ifd, selectit, zip,
+Methods: random, random_stratified, length, ce, ppl, entropy, ifd, selectit, less, zip,
 diverseevol (k-center on embeddings), kmeans (= km_random), km_<score> for every score
-(km_length, km_ce, km_ppl, km_entropy, km_ifd, km_selectit).
+(km_length, km_ce, km_ppl, km_entropy, km_ifd, km_selectit, km_less).
+LESS runs a LoRA warm-up (one Ray task, cached) before its per-checkpoint scorer pools.
 Ties are always broken by r(id) = BLAKE2b(seed‖id), never by position.
 """
 from __future__ import annotations
@@ -34,11 +35,12 @@ from effsft.runtime import OutputDir, init_ray, timed
 
 log = logging.getLogger("effsft.select")
 
-SCORES = ("length", "ce", "ppl", "entropy", "ifd", "selectit")
+SCORES = ("length", "ce", "ppl", "entropy", "ifd", "selectit", "less")
 METHODS = ("random", "random_stratified", "zip", "diverseevol", "kmeans") + SCORES + tuple(
     f"km_{s}" for s in SCORES)
 # Default ranking direction per score (written into the manifest).
-DESCENDING = {"length": True, "ce": True, "ppl": True, "entropy": True, "ifd": True, "selectit": True}
+DESCENDING = {"length": True, "ce": True, "ppl": True, "entropy": True, "ifd": True, "selectit": True,
+               "less": True}
 LM_SCORES = ("ce", "ppl", "entropy", "ifd", "selectit")
 
 
@@ -92,6 +94,30 @@ class SelectITSection(Strict):
     max_tokens: int = Field(8192, gt=8)
 
 
+class LessLoraSection(Strict):
+    r: int = Field(128, ge=1)
+    alpha: float = Field(512, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class LessSection(Strict):
+    """LESS (spec §2.2): warm-up on a seeded slice, then gradient features per checkpoint."""
+
+    warmup_fraction: float = Field(0.05, gt=0, le=1)  # of the usable rows, the smallest r(id)
+    epochs: int = Field(4, ge=1)                      # one checkpoint per epoch
+    lr: float = Field(2e-5, gt=0)                     # linear decay after warmup_ratio of the steps
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    batch_size: int = Field(32, ge=1)
+    max_len: int = Field(2048, gt=8)
+    lora: LessLoraSection = LessLoraSection()
+    proj_dim: int = Field(8192, ge=1)
+    proj_seed: int = 0
+    target: str = "holdout"                 # "holdout" (a seeded slice of the pool) or a corpus path
+    target_rows: int = Field(256, ge=1)     # holdout size / rows read from the target corpus
+    subtask_key: Optional[str] = None       # meta key grouping target rows; null = one group
+    grad_method: Literal["vmap", "loop"] = "vmap"
+
+
 class FaultSection(Strict):
     kill_actor_after_batches: Optional[int] = None
     stop_after_shards: Optional[int] = None
@@ -117,6 +143,7 @@ class SelectConfig(Strict):
     kcenter: KCenterSection = KCenterSection()
     zip: ZipSection = ZipSection()
     selectit: SelectITSection = SelectITSection()
+    less: LessSection = LessSection()
     fault: FaultSection = FaultSection()
     plots: bool = True
     overwrite: bool = False
@@ -160,7 +187,7 @@ def prepare(cfg: SelectConfig, cache: Path, timings: dict) -> tuple[Path, dict, 
 
 
 # ---------------------------------------------------------------------------------- stage 2
-def _scorer_for(cfg: SelectConfig, score: str, model_path: str | None = None):
+def _scorer_for(cfg: SelectConfig, score: str, model_path: str | None = None, extra: dict | None = None):
     """(name, factory, kwargs, key-spec) of the scorer that produces ``score``."""
     from effsft.select import scorers
 
@@ -178,6 +205,13 @@ def _scorer_for(cfg: SelectConfig, score: str, model_path: str | None = None):
         return "selectit", scorers.SelectITScorer, dict(
             model_path=model_path, dtype=m.dtype if m else "auto", alpha=cfg.selectit.alpha,
             max_tokens=cfg.selectit.max_tokens, micro_batch_size=sc.micro_batch_size, **common)
+    if score == "less":  # extra: checkpoint, projector_checksum
+        le = cfg.less
+        return "less", scorers.LessScorer, dict(
+            model_path=m.path, lora_r=le.lora.r, lora_alpha=le.lora.alpha,
+            target_modules=list(le.lora.target_modules), proj_dim=le.proj_dim, proj_seed=le.proj_seed,
+            max_len=le.max_len, micro_batch_size=sc.micro_batch_size, grad_method=le.grad_method,
+            **(extra or {}), **common)
     if score == "zip_g":
         return "zip_g", scorers.ZipGScorer, dict(ser=cfg.zip.ser)
     if score == "emb":
@@ -189,13 +223,13 @@ def _scorer_for(cfg: SelectConfig, score: str, model_path: str | None = None):
 
 
 def run_scorer(cfg: SelectConfig, cache: Path, shards: list[Path], corpus_fp: str, score: str,
-               marker_dir: Path, model_path: str | None = None):
+               marker_dir: Path, model_path: str | None = None, extra: dict | None = None):
     """Score every shard (reusing finished ones); returns the store and run statistics."""
     from effsft.report.manifest import fingerprint
     from effsft.select.pipeline import Fault, PoolSpec, score_shards
     from effsft.select.store import ScoreStore
 
-    name, factory, kwargs = _scorer_for(cfg, score, model_path)
+    name, factory, kwargs = _scorer_for(cfg, score, model_path, extra)
     spec_kwargs = {k: v for k, v in kwargs.items() if k not in ("threads",)}
     model_dir = kwargs.get("model_path")
     spec = {"params": spec_kwargs, "corpus": corpus_fp,
@@ -230,11 +264,97 @@ def _aligned(store, shards: list[Path], ids_by_shard: list[pa.Array], columns: l
 
             first = col[0].as_py()
             res[c] = emb_to_numpy(col, len(first) // 2)
+        elif c == "less_sub":  # one list of S subtask cosines per row
+            res[c] = np.asarray(col.to_pylist(), dtype=np.float64)
         elif c == "status":
             res[c] = np.asarray(col.to_pylist(), dtype=object)
         else:
             res[c] = col.to_numpy(zero_copy_only=False).astype(np.float64)
     return res
+
+
+def less_warmup(cfg: SelectConfig, cache: Path, shards: list[Path], ranks: np.ndarray, corpus_fp: str,
+                model_fp: str) -> tuple[dict, np.ndarray]:
+    """LESS warm-up + target features in one Ray task, cached under ``cache/less-<key>/``.
+
+    Warm-up rows: the ``warmup_fraction`` of usable rows with the smallest r(id); holdout
+    target: the next ``target_rows`` (spec §2.2 steps 1 and 3). Returns the warm-up info
+    (checkpoints, mean lrs, projector checksum, subtasks) and the pool indices of the holdout
+    rows (empty for a target corpus), which are ineligible for selection.
+    """
+    import hashlib
+
+    import ray
+
+    from effsft.select import less
+
+    le = cfg.less
+    order = np.argsort(ranks, kind="stable")
+    n_warm = max(1, int(round(le.warmup_fraction * len(ranks))))
+    warm_idx = np.sort(order[:n_warm])
+    hold_idx = np.sort(order[n_warm:n_warm + le.target_rows]) if le.target == "holdout" else np.zeros(0, np.int64)
+    blob = json.dumps({"corpus": corpus_fp, "model": model_fp, "less": le.model_dump(), "seed": cfg.seed},
+                      sort_keys=True)
+    out = OutputDir(cache / f"less-{hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()}", overwrite=True)
+    if not out.done:
+        work = out.open()
+        warm_rows = _read_rows(shards, warm_idx)
+        tgt_rows = _read_rows(shards, hold_idx) if le.target == "holdout" else _read_target(le.target, le.target_rows)
+        groups = [_meta_value(r.get("meta"), le.subtask_key) if le.subtask_key else "all" for r in tgt_rows]
+        settings = less.WarmupSettings(
+            lora=less.LoraSettings(le.lora.r, le.lora.alpha, tuple(le.lora.target_modules)), epochs=le.epochs,
+            lr=le.lr, warmup_ratio=le.warmup_ratio, batch_size=le.batch_size,
+            micro_batch_size=cfg.scorer.micro_batch_size, max_len=le.max_len, seed=cfg.seed)
+        task = ray.remote(num_cpus=cfg.scorer.num_cpus, num_gpus=cfg.scorer.num_gpus or None)(_less_task)
+        info = ray.get(task.remote(cfg.model.path, [r["messages"] for r in warm_rows],
+                                   [r["messages"] for r in tgt_rows], groups, str(work), settings, cfg))
+        info.update(warmup_rows=int(len(warm_idx)))
+        # checkpoint paths relative to the committed directory
+        for c in info["checkpoints"]:
+            c["path"] = Path(c["path"]).name
+        (work / "less.json").write_text(json.dumps(info, indent=1))
+        out.commit()
+    info = json.loads((out.final / "less.json").read_text())
+    for c in info["checkpoints"]:
+        c["path"] = str(out.final / c["path"])
+    return info, hold_idx
+
+
+def _less_task(model_path, warm_msgs, tgt_msgs, groups, work, settings, cfg: SelectConfig) -> dict:
+    """Runs in a Ray worker: the pure warm-up + target features (effsft.select.less)."""
+    from effsft.select import less, scorers
+
+    scorers._threads(cfg.scorer.threads)
+    return less.prepare_checkpoints(
+        model_path, warm_msgs, tgt_msgs, groups, work, settings, proj_dim=cfg.less.proj_dim,
+        proj_seed=cfg.less.proj_seed, device=scorers._device("auto"), method=cfg.less.grad_method,
+        trust_remote_code=bool(cfg.model.trust_remote_code))
+
+
+def less_scores(cfg: SelectConfig, cache: Path, shards: list[Path], ids_by_shard: list[pa.Array],
+                ranks: np.ndarray, corpus_fp: str, marker_dir: Path,
+                scoring: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(score [N], status [N], details): one scorer pool per checkpoint, combined on the driver."""
+    from effsft.report.manifest import fingerprint
+    from effsft.select.less import combine_checkpoints, eta_bar
+
+    info, hold_idx = less_warmup(cfg, cache, shards, ranks, corpus_fp, fingerprint(cfg.model.path))
+    per_ckpt, status = [], None
+    for c in info["checkpoints"]:
+        store, stats = run_scorer(cfg, cache, shards, corpus_fp, "less", marker_dir, extra={
+            "checkpoint": c["path"], "projector_checksum": info["projector_checksum"]})
+        scoring[store.key] = vars(stats) | {"rows_per_s": stats.rows_per_s}
+        got = _aligned(store, shards, ids_by_shard, ["less_sub", "status"])
+        per_ckpt.append(got["less_sub"])
+        status = got["status"]
+    lrs = [c["mean_lr"] for c in info["checkpoints"]]
+    score = combine_checkpoints(per_ckpt, lrs)
+    score[hold_idx] = np.nan  # the holdout is the target, not a candidate
+    status[hold_idx] = "less_target"
+    details = {k: info[k] for k in ("projector_checksum", "n_params", "subtasks", "target_rows", "warmup_rows")}
+    details.update(mean_lrs=lrs, eta_bar=eta_bar(lrs).tolist(), proj_dim=cfg.less.proj_dim,
+                   target=cfg.less.target)
+    return score, status, details
 
 
 # ---------------------------------------------------------------------------------- stage 3
@@ -346,12 +466,36 @@ def _read_ids(shards: list[Path]) -> list[pa.Array]:
 def _read_strata(shards: list[Path], key: str) -> np.ndarray:
     vals = []
     for p in shards:
-        for m in pq.read_table(p, columns=["meta"]).column("meta").to_pylist():
-            try:
-                vals.append(str(json.loads(m or "{}").get(key)))
-            except json.JSONDecodeError:
-                vals.append("None")
+        vals += [_meta_value(m, key) for m in pq.read_table(p, columns=["meta"]).column("meta").to_pylist()]
     return np.asarray(vals)
+
+
+def _meta_value(meta: str | None, key: str) -> str:
+    try:
+        return str(json.loads(meta or "{}").get(key))
+    except json.JSONDecodeError:
+        return "None"
+
+
+def _read_rows(shards: list[Path], idx: np.ndarray) -> list[dict]:
+    """Rows (``messages``, ``meta``) at sorted global positions ``idx`` of the shards."""
+    out, start = [], 0
+    for p in shards:
+        n = pq.read_metadata(p).num_rows
+        local = idx[(idx >= start) & (idx < start + n)] - start
+        if len(local):
+            out += pq.read_table(p, columns=["messages", "meta"]).take(pa.array(local)).to_pylist()
+        start += n
+    return out
+
+
+def _read_target(path: str, limit: int) -> list[dict]:
+    """The first ``limit`` usable rows of a target corpus, through the normalising readers."""
+    from effsft.corpus.normalize import NormalizeOptions
+    from effsft.corpus.prepare import _good_rows, normalised_dataset
+
+    ds = normalised_dataset(path, NormalizeOptions()).map_batches(_good_rows, batch_format="pyarrow", num_cpus=0.25)
+    return ds.select_columns(["messages", "meta"]).limit(limit).take_all()
 
 
 def _read_zip_rows(shards: list[Path], ser: str) -> list[bytes]:
@@ -513,8 +657,13 @@ def run_select(cfg: SelectConfig) -> dict:
         ranks = random_rank(ids, cfg.seed)
     cols: dict = {}
     scoring: dict = {}
+    less_details: dict = {}
     for score in needed_scores(cfg):
         with timed(timings, f"score_{score}"):
+            if score == "less":
+                cols["score"], cols["status"], less_details = less_scores(
+                    cfg, cache, shards, ids_by_shard, ranks, corpus_fp, faults, scoring)
+                continue
             if score == "selectit":
                 models = cfg.selectit.models or [cfg.model.path]
                 per_model, params = [], []
@@ -570,6 +719,8 @@ def run_select(cfg: SelectConfig) -> dict:
     imgs = make_plots(work, cfg, picks, cols, cluster, info) if cfg.plots else []
     timings["total"] = round(time.perf_counter() - t_start, 3)
     details = {k: v for k, v in info.items() if k not in ("trace_size", "trace_ratio")}
+    if less_details:
+        details["less"] = less_details
     write_manifest(work, "select", to_dict(cfg), inputs={"corpus": {"path": cfg.input.path,
                    "fingerprint": corpus_fp}, "model": {"path": cfg.model.path, "fingerprint":
                    fingerprint(cfg.model.path)} if cfg.model else None},

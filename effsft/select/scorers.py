@@ -180,3 +180,39 @@ class EmbedScorer:
                          "status": pa.array([STATUS_OK] * batch.num_rows, pa.string()),
                          "n_tokens": pa.array([len(t) for t in texts], pa.int64()),
                          "emb": numpy_to_emb(x)})
+
+
+class LessScorer:
+    """LESS at one warm-up checkpoint: per row, the mean cosine of its Adam-preconditioned,
+    projected LoRA gradient with each target subtask (``less_sub``, a list of S floats, NaN
+    when the row cannot be encoded). The driver combines checkpoints (spec §2.2)."""
+
+    def __init__(self, model_path: str, checkpoint: str, lora_r: int, lora_alpha: float,
+                 target_modules: list, proj_dim: int, proj_seed: int, projector_checksum: str,
+                 max_len: int = 2048, micro_batch_size: int = 8, grad_method: str = "vmap",
+                 device: str = "auto", trust_remote_code: bool = False, threads: int | None = None,
+                 **_: Any):
+        from effsft.models.loading import load_model, load_tokenizer
+        from effsft.select import less
+
+        _threads(threads)
+        self.tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+        base = load_model(model_path, dtype="float32", device=_device(device), trust_remote_code=trust_remote_code)
+        lora = less.LoraSettings(r=lora_r, alpha=lora_alpha, target_modules=tuple(target_modules))
+        self.model, self.ckpt = less.load_checkpoint(base, checkpoint, lora)
+        self.proj = less.RademacherProjector(len(self.ckpt.exp_avg), proj_dim, proj_seed)
+        if self.proj.checksum != projector_checksum:
+            raise RuntimeError(f"LESS projector checksum {self.proj.checksum} != {projector_checksum} "
+                               "(another RNG stream on this machine?)")
+        self.subtasks, self.means = less.load_target_means(checkpoint)
+        self.kw = dict(max_len=max_len, micro_batch_size=micro_batch_size, method=grad_method)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from effsft.select import less
+
+        feats, status = less.gradient_features(self.model, self.tok, _messages(batch), self.proj, self.ckpt,
+                                               adam=True, **self.kw)
+        sub = less.subtask_cosines(feats, self.means)  # [N, S], NaN rows stay NaN
+        return pa.table({"id": batch.column("id"), "status": pa.array(status, pa.string()),
+                         "n_tokens": pa.array(np.zeros(batch.num_rows, np.int64)),
+                         "less_sub": pa.array(sub.tolist(), pa.list_(pa.float64()))})

@@ -30,7 +30,10 @@ def _cfg(synth_corpus, tiny_model_dir, tmp_path, method, **extra):
             "output": str(tmp_path / "out" / method), "cache_dir": str(tmp_path / "cache"),
             "scorer": {"batch_size": 128, "micro_batch_size": 16, "max_len": 256},
             "zip": {"k1": 300, "k2": 40, "k3": 20, "workers": 1}, "kmeans": {"k": 6},
-            "selectit": {"max_tokens": 512}}
+            "selectit": {"max_tokens": 512},
+            "less": {"epochs": 2, "batch_size": 8, "max_len": 128, "proj_dim": 256, "target_rows": 12,
+                     "lr": 1e-3, "subtask_key": "task", "lora": {"r": 4, "alpha": 8,
+                                                                "target_modules": ["q_proj", "v_proj"]}}}
     for k, v in extra.items():
         data[k] = v
     return build_config(SelectConfig, data)
@@ -57,13 +60,19 @@ def _check_output(res, out, budget=BUDGET):
 
 
 @pytest.mark.parametrize("method", ["random", "random_stratified", "length", "ce", "ppl", "entropy", "ifd",
-                                    "selectit", "zip", "diverseevol", "kmeans", "km_length", "km_ce"])
+                                    "selectit", "less", "zip", "diverseevol", "kmeans", "km_length",
+                                    "km_ce"])
 def test_every_method_end_to_end(method, small_corpus, tiny_model_dir, shared):
     cfg = _cfg(small_corpus, tiny_model_dir, shared, method)
     res = run_select(cfg)
     m = _check_output(res, shared / "out" / method)
     if method in ("length", "ce", "ppl", "entropy", "ifd", "km_length", "km_ce"):
         assert m["metrics"]["score_pool"]["n"] == m["counts"]["rows_in"] - m["counts"]["rows_rejected"]
+    if method == "less":
+        d = m["method_details"]["less"]
+        assert len(d["mean_lrs"]) == 2 and abs(sum(d["eta_bar"]) - 1) < 1e-9 and 0 < d["target_rows"] <= 12
+        assert len(d["projector_checksum"]) == 32 and len(m["scoring"]) == 2  # one store per checkpoint
+        assert m["counts"]["status"]["less_target"] == 12  # the holdout target is never selected
     if method.startswith("km") or method == "kmeans":
         d = m["method_details"]
         assert sum(d["cluster_selected"]) == BUDGET and d["k"] == 6
