@@ -60,7 +60,7 @@ def _check_output(res, out, budget=BUDGET):
 
 
 @pytest.mark.parametrize("method", ["random", "random_stratified", "length", "ce", "ppl", "entropy", "ifd",
-                                    "selectit", "less", "zip", "diverseevol", "kmeans", "km_length",
+                                    "selectit", pytest.param("less", marks=pytest.mark.slow), "zip", "diverseevol", "kmeans", "km_length",
                                     "km_ce"])
 def test_every_method_end_to_end(method, small_corpus, tiny_model_dir, shared):
     cfg = _cfg(small_corpus, tiny_model_dir, shared, method)
