@@ -41,6 +41,9 @@ JOBS: dict[str, Job] = {
     "sft": Job("effsft.sft.recipe:SFTConfig", "effsft.sft.recipe:run_sft",
                 {"model": "model.path", "data": "data.path"},
                 help="DeepSpeed SFT on Ray Train (Q-Tuning hook, LoRA, checkpoint/resume)"),
+    "grpo": Job("effsft.grpo.recipe:GRPOConfig", "effsft.grpo.recipe:run_grpo",
+                {"model": "model.path", "data": "data.path"},
+                help="GRPO: rollout actors + DeepSpeed on Ray Train, shared-prefix forward"),
     "demo": Job("effsft.demo:DemoConfig", "effsft.demo:run_demo",
                 help="the whole pipeline on an embedded local Ray with a tiny model"),
 }
