@@ -46,6 +46,9 @@ JOBS: dict[str, Job] = {
                    "eval_data": "prune.eval.data.path", "method": "prune.method",
                    "criterion": "prune.criterion", "sparsity": "prune.sparsity"},
                   help="DLP/OWL/uniform layerwise pruning (Wanda/SparseGPT/magnitude)"),
+    "grpo": Job("effsft.grpo.recipe:GRPOConfig", "effsft.grpo.recipe:run_grpo",
+                {"model": "model.path", "data": "data.path"},
+                help="GRPO: rollout actors + DeepSpeed on Ray Train, shared-prefix forward"),
     "demo": Job("effsft.demo:DemoConfig", "effsft.demo:run_demo",
                 help="the whole pipeline on an embedded local Ray with a tiny model"),
 }

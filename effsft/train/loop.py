@@ -10,6 +10,13 @@ checkpoint directory and reports it; rank 0 appends each step's metrics to a JSO
 The loss is a hook, ``loss_fn(model, batch, ctx) -> (loss, metrics)``: ``model`` is the HF
 (or peft) model, ``batch`` the collated ``[B, T]`` tensors of one micro-batch, ``ctx`` a
 :class:`StepContext`; ``metrics`` holds scalars to log (non-scalars are ignored).
+
+Where the micro-batches come from is the second hook: by default this worker's shard of the
+``train`` Ray Dataset; with ``LoopSpec.step_source`` (a :class:`StepSource`, e.g. GRPO's
+rollout controller) the source hands out each step's micro-batches and runs after each
+optimizer step (weight sync). A source's batch is any dict: tensors (also inside lists) are
+moved to the device, and ``num_tokens`` / ``num_response_tokens`` stand in for the counts
+that a collated batch's ``attention_mask`` / ``labels`` give.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
 
@@ -49,6 +56,25 @@ class StepContext:
 LossFn = Callable[[torch.nn.Module, dict, StepContext], "tuple[torch.Tensor, dict]"]
 
 
+class StepSource(Protocol):
+    """Per-step batch provider replacing the dataset shard (picklable; state built in ``setup``).
+
+    Every rank calls every method in the same order (they may run collectives).
+    """
+
+    def setup(self, engine, tokenizer, ctx: StepContext, start_step: int) -> None:
+        """Once per worker (re)start, after the checkpoint (if any) is restored."""
+
+    def micro_batches(self, step: int, ctx: StepContext) -> list[dict]:
+        """This rank's ``grad_accum`` micro-batches for optimizer step ``step`` (0-based)."""
+
+    def after_step(self, engine, step: int, ctx: StepContext) -> dict:
+        """After optimizer step ``step`` (1-based count of steps done); scalars to log."""
+
+    def summary(self) -> dict:
+        """Extra entries for rank 0's summary."""
+
+
 @dataclass(frozen=True)
 class LoopSpec:
     """Everything a worker needs (pickled into ``train_loop_config``)."""
@@ -63,6 +89,7 @@ class LoopSpec:
     dtype: str = "auto"
     trust_remote_code: bool = False
     attn_implementation: Optional[str] = None
+    step_source: Optional[StepSource] = None   # None: micro-batches from the "train" dataset shard
 
 
 class LossModule(torch.nn.Module):
@@ -110,6 +137,23 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def _to_device(obj, device):
+    """Tensors (also inside lists/tuples) to ``device``; other values unchanged."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(x, device) for x in obj)
+    return obj
+
+
+def _token_counts(batch: dict) -> tuple[int, int]:
+    """(tokens, response tokens) of a micro-batch: from the collated masks, or the counts a
+    step source put in the batch."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum()), int((batch["labels"][:, 1:] != -100).sum())
+    return int(batch.get("num_tokens", 0)), int(batch.get("num_response_tokens", 0))
+
+
 def run_step(engine, micro: list[dict], ctx: StepContext) -> dict:
     """One optimizer step over ``grad_accum`` micro-batches.
 
@@ -122,14 +166,14 @@ def run_step(engine, micro: list[dict], ctx: StepContext) -> dict:
     lr = float(engine.get_lr()[0])
     loss_sum, hook_sums, tokens, resp = 0.0, {}, 0, 0
     for i, batch in enumerate(micro):
-        batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        batch = {k: _to_device(v, ctx.device) for k, v in batch.items()}
         c = StepContext(ctx.step, i, len(micro), ctx.rank, ctx.world_size, ctx.device, ctx.all_gather)
         loss, metrics = engine(batch, c)
         engine.backward(loss)
         engine.step()
         loss_sum += float(loss.detach())
-        tokens += int(batch["attention_mask"].sum())
-        resp += int((batch["labels"][:, 1:] != -100).sum())
+        n_tok, n_resp = _token_counts(batch)
+        tokens, resp = tokens + n_tok, resp + n_resp
         for k, v in (metrics or {}).items():
             s = _scalar(v)
             if s is not None:
@@ -250,23 +294,29 @@ def train_loop_per_worker(config: dict) -> dict | None:
     pos = restored or Position()
     resumed_from = restored.step if restored else None
     torch.manual_seed(tr.seed + 1000 * rank + pos.step)  # dropout etc. differ per rank
-    stream = micro_batches(ray.train.get_dataset_shard("train"), tr.micro_batch_size,
-                           tok.pad_token_id, start_epoch=pos.epoch, skip=pos.offset,
-                           seed=tr.seed, shuffle_buffer=tr.shuffle_buffer)
+    base_ctx = StepContext(pos.step, 0, tr.grad_accum, rank, world, device, all_gather_object)
+    source = spec.step_source
+    if source is None:
+        stream = micro_batches(ray.train.get_dataset_shard("train"), tr.micro_batch_size,
+                               tok.pad_token_id, start_epoch=pos.epoch, skip=pos.offset,
+                               seed=tr.seed, shuffle_buffer=tr.shuffle_buffer)
+    else:
+        source.setup(engine, tok, base_ctx, pos.step)
     mlog = MetricsLog(Path(spec.out_dir) / METRICS_FILE, rank, pos.step)
     setup_s = time.perf_counter() - t_setup
-    base_ctx = StepContext(pos.step, 0, tr.grad_accum, rank, world, device, all_gather_object)
     t_train, tokens, last = time.perf_counter(), 0, {}
     while pos.step < spec.total_steps:
         t0 = time.perf_counter()
-        micro = _take(stream, tr.grad_accum, pos)
-        m = run_step(engine, micro, StepContext(pos.step, 0, tr.grad_accum, rank, world, device,
-                                                base_ctx.all_gather))
+        ctx = StepContext(pos.step, 0, tr.grad_accum, rank, world, device, base_ctx.all_gather)
+        micro = _take(stream, tr.grad_accum, pos) if source is None else source.micro_batches(pos.step, ctx)
+        data_s = time.perf_counter() - t0
+        m = run_step(engine, micro, ctx)
         pos.step += 1
+        extra = source.after_step(engine, pos.step, ctx) if source is not None else {}
         dt = time.perf_counter() - t0
         tokens += m["tokens"]
-        last = {"step": pos.step, "epoch": pos.epoch, **m, "tokens_per_s": m["tokens"] / dt,
-                "step_s": dt}
+        last = {"step": pos.step, "epoch": pos.epoch, **m, **extra, "tokens_per_s": m["tokens"] / dt,
+                "step_s": dt, "data_s": data_s}
         mlog.write(last)
         maybe_inject_fault(spec.fault, pos.step, rank, spec.out_dir)
         if pos.step == spec.total_steps or (tr.checkpoint_every and pos.step % tr.checkpoint_every == 0):
@@ -281,4 +331,5 @@ def train_loop_per_worker(config: dict) -> dict | None:
     return {"steps": pos.step, "resumed_from_step": resumed_from,
             "final_loss": last.get("loss"), "tokens": tokens, "setup_s": round(setup_s, 3),
             "train_s": round(train_s, 3),
-            "tokens_per_s": tokens / train_s if train_s > 0 else None}
+            "tokens_per_s": tokens / train_s if train_s > 0 else None,
+            **(source.summary() if source is not None else {})}

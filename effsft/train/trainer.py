@@ -14,7 +14,7 @@ from effsft.train.loop import LoopSpec, train_loop_per_worker
 
 def fit(spec: LoopSpec, train_ds, storage_path: str | Path, name: str = "train") -> dict:
     """Train on ``train_ds`` (a Ray Dataset of ``input_ids``/``labels`` rows, split equally
-    across workers); returns rank 0's summary (``steps``, ``final_loss``, ``tokens_per_s``, ...)."""
+    across workers; None when ``spec.step_source`` provides the batches); returns rank 0's summary (``steps``, ``final_loss``, ``tokens_per_s``, ...)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -29,7 +29,7 @@ def fit(spec: LoopSpec, train_ds, storage_path: str | Path, name: str = "train")
         run_config=RunConfig(storage_path=str(Path(storage_path).resolve()), name=name,
                              failure_config=FailureConfig(max_failures=tr.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=tr.keep_checkpoints)),
-        datasets={"train": train_ds},
+        datasets={"train": train_ds} if train_ds is not None else None,
     )
     result = trainer.fit()
     return result.return_value or {}
