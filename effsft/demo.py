@@ -3,7 +3,8 @@
 Stages chain through their output directories (each atomic, each skipped when already
 complete, so an interrupted demo resumes):
 synth -> tiny-model -> prepare -> select (k-means + length) -> sft (DeepSpeed, 2 Ray Train
-workers, Q-Tuning) -> prune (DLP + Wanda, 50%) -> eval (base, fine-tuned and pruned model).
+workers, Q-Tuning) -> grpo (a few steps, Prefix Grouper forward) -> prune (DLP + Wanda, 50%)
+-> eval (base, fine-tuned and pruned model).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class DemoConfig(Strict):
     rows: int = Field(4000, gt=100)
     eval_rows: int = Field(100, gt=0)
     sft_steps: int = Field(60, gt=0)
+    grpo_steps: int = Field(5, gt=0)
     family: Literal["llama", "qwen2"] = "llama"
     seed: int = 0
 
@@ -58,6 +60,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from effsft.corpus.jobs import PrepareConfig, SynthConfig, run_prepare, run_synth
     from effsft.eval.recipe import EvalConfig, run_eval
     from effsft.models.jobs import TinyModelConfig, run_tiny_model
+    from effsft.grpo.recipe import GRPOConfig, run_grpo
     from effsft.prune.recipe import PruneConfig, demo_config, run_prune
     from effsft.select.recipe import SelectConfig, run_select
     from effsft.sft.recipe import SFTConfig, run_sft
@@ -83,6 +86,16 @@ def run_demo(cfg: DemoConfig) -> dict:
         "train": {"num_workers": 2, "zero_stage": 2, "micro_batch_size": 8, "lr": 2e-3,
                   "warmup_steps": 5, "max_steps": cfg.sft_steps, "checkpoint_every": 20, "seed": cfg.seed},
         "qtuning": {"method": "qtuning", "sample_ratio": 0.5, "token_ratio": 0.5, "plot_every": 20}}, s)
+    _stage("grpo", out, GRPOConfig, run_grpo, {
+        "model": {"path": str(sft / "model")},
+        "data": {"path": str(corpus / "grpo.parquet"), "tasks": ["count", "arith"], "limit": 64},
+        "output": str(out / "grpo"), "num_generations": 4, "max_completion_length": 24,
+        "reward_funcs": [{"fn": "math_exact_match", "weight": 1.0},
+                         {"fn": "effsft.grpo.shaping:answer_format", "weight": 0.2}],
+        "reward": {"mode": "inline"},
+        "rollout": {"num_actors": 1, "num_cpus": 0.5, "num_threads": 1, "prompts_per_step": 2},
+        "train": {"num_workers": 1, "cpus_per_worker": 0.5, "zero_stage": 0, "lr": 1e-4,
+                  "schedule": "constant", "max_steps": cfg.grpo_steps, "checkpoint_every": 0}}, s)
     pruned = _stage("prune", out, PruneConfig, run_prune,
                     demo_config(sft / "model", prepared / "data", out / "prune", sparsity=0.5), s)
     for name, m in (("eval_base", model), ("eval_sft", sft / "model"), ("eval_pruned", pruned / "model")):

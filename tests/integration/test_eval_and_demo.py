@@ -34,13 +34,13 @@ def test_eval_bad_config_fails_fast(tmp_path, capsys):
 
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    args = ["demo", "--output", str(out), "--rows", "600", "--eval_rows", "16", "--sft_steps", "4"]
+    args = ["demo", "--output", str(out), "--rows", "600", "--eval_rows", "16", "--sft_steps", "4", "--grpo_steps", "2"]
     assert main(args) == 0
     summary = json.loads((out / "demo_summary.json").read_text())
-    assert set(summary) >= {"synth", "tiny_model", "prepare", "select", "sft", "prune", "eval_base",
+    assert set(summary) >= {"synth", "tiny_model", "prepare", "select", "sft", "grpo", "prune", "eval_base",
                            "eval_sft", "eval_pruned"}
     assert summary["select"]["rows_selected"] > 0
-    for stage in ("corpus", "model", "prepared", "selected", "sft", "prune", "eval_base", "eval_sft",
+    for stage in ("corpus", "model", "prepared", "selected", "sft", "grpo", "prune", "eval_base", "eval_sft",
                   "eval_pruned"):
         assert (out / stage / "_SUCCESS").exists(), stage
     # a second run resumes: every stage is reused
