@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "cluster" / "local_cluster.sh"
 FINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # Environment passed on to the nodes: none of this process's Ray settings leak into the cluster
-# except the ones chosen here.
-KEEP_RAY_ENV = {"RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "120",
+# except the ones chosen here. Ray Data's no-progress timeout is generous: on a shared, overloaded
+# 2-core machine starting one worker process took minutes and 120 s failed healthy jobs.
+KEEP_RAY_ENV = {"RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "600",
                 "RAY_memory_usage_threshold": "0.98", "RAY_DEDUP_LOGS": "0"}
 
 

@@ -24,7 +24,7 @@ from effsft.cli import main as effsft_main
 sys.path.insert(0, str(Path(__file__).parent))
 from e2e_checks import check_select_output, check_store, metric_steps, n_ok, poll  # noqa: E402
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = {"EFFSFT_CLUSTER_HEAD_CPUS": "2", "EFFSFT_CLUSTER_WORKER_CPUS": "3"}
@@ -37,6 +37,14 @@ def build_inputs(built: Path) -> None:
                         "eval_rows=8", "grpo_rows=8", "garbage=0.02"]) == 0
     assert effsft_main(["tiny-model", str(ROOT / "jobs/tiny_model.yaml"), f"output={model}",
                         f"corpus={corpus}", "vocab_size=300", "max_position=256"]) == 0
+
+
+def running(cluster, sid: str) -> None:
+    """Fail at once (with the driver's log) if the job ended while the test waits for it."""
+    info = cluster.client.get_job_info(sid)
+    if getattr(info.status, "value", str(info.status)) in {"SUCCEEDED", "FAILED", "STOPPED"}:
+        raise AssertionError(f"job ended early: {info.status}\n"
+                             f"{cluster.client.get_job_logs(sid)[-4000:]}")
 
 
 def test_select_survives_killed_scoring_actor(cluster, built):
@@ -52,14 +60,18 @@ def test_select_survives_killed_scoring_actor(cluster, built):
     job_id = poll("the job id", lambda: cluster.client.get_job_info(sid).job_id, 120)
 
     def scoring_actor():
+        running(cluster, sid)
         alive = [a for a in cluster.actors(job_id, state="ALIVE") if "MapWorker" in a["class_name"]]
         return next((a for a in alive if a.get("pid")), None)
 
-    victim = poll("a scoring actor", scoring_actor, 300, every=0.5)
+    victim = poll("a scoring actor", scoring_actor, 600, every=0.5)
     assert victim["node_id"] == worker            # 2.5 CPUs fit only w1
     # Let it score a shard first, so the kill lands mid-run with work on both sides of it.
-    done = lambda: list(cache.glob("scores/lm-*/*.done.json"))  # noqa: E731
-    poll("a first scored shard", done, 300)
+    def done():
+        running(cluster, sid)
+        return list(cache.glob("scores/lm-*/*.done.json"))
+
+    poll("a first scored shard", done, 600, every=0.5)
     done_at_kill = len(done())
     os.kill(victim["pid"], signal.SIGKILL)
     t_kill = time.monotonic()
@@ -94,14 +106,19 @@ def test_sft_survives_losing_a_worker_node(cluster, built):
     job_id = poll("the job id", lambda: cluster.client.get_job_info(sid).job_id, 120)
 
     def ranks_on_both_nodes():
+        running(cluster, sid)
         ws = [a for a in cluster.actors(job_id, state="ALIVE")
               if a["class_name"].endswith("RayTrainWorker")]
         return ws if {a["node_id"] for a in ws} == {head, worker} else None
 
-    poll("one train worker per node", ranks_on_both_nodes, 400, every=1)
+    poll("one train worker per node", ranks_on_both_nodes, 600, every=1)
     # The first checkpoint is reported (Ray Train persisted it) and training went on past it.
-    poll("a reported checkpoint", lambda: list(partial.glob("checkpoints/train/checkpoint_*"))
-         and max(metric_steps(partial) or [0]) > every, 400)
+    def checkpointed():
+        running(cluster, sid)
+        return (list(partial.glob("checkpoints/train/checkpoint_*"))
+                and max(metric_steps(partial) or [0]) > every)
+
+    poll("a reported checkpoint", checkpointed, 600)
     step_at_kill = max(metric_steps(partial))
     cluster.script("kill-node", "w1")
     t_kill = time.monotonic()
