@@ -1,8 +1,9 @@
 """Fault tolerance of `select` and `sft` jobs on a real 2-node cluster (tests/e2e/conftest.py):
 head with 2 logical CPUs, worker node w1 with 3. Slow tier (`pytest -m slow`).
 
-* select: a scoring actor (only w1 fits its 2.5 CPUs) is SIGKILLed while scoring runs; Ray
-  Data restarts it and retries its batch; the job succeeds and every row is scored exactly once.
+* select: a scoring actor (only w1 fits its 2.5 CPUs) is SIGKILLed while it runs a scoring
+  task; Ray Data restarts it and retries the task; the job succeeds and every row is scored
+  exactly once.
 * sft: 2 workers, one per node (1.6 CPUs each: 2 fit neither node); once a checkpoint is
   reported the whole worker NODE w1 is killed (its process group: raylet, object store, the
   rank living there), then started again; Ray Train restarts the worker group from the last
@@ -66,18 +67,21 @@ def test_select_survives_killed_scoring_actor(cluster, built):
 
     victim = poll("a scoring actor", scoring_actor, 600, every=0.5)
     assert victim["node_id"] == worker            # 2.5 CPUs fit only w1
-    # Let it score a shard first, so the kill lands mid-run with work on both sides of it.
-    def done():
+    # Kill it while it is running a scoring task (its model is loaded and batches flow).
+    def scoring_task():
         running(cluster, sid)
-        return list(cache.glob("scores/lm-*/*.done.json"))
+        return [t for t in cluster.tasks(job_id) if "MapWorker" in t["name"]
+                and t["state"] == "RUNNING" and t.get("actor_id") == victim["actor_id"]]
 
-    poll("a first scored shard", done, 600, every=0.5)
-    done_at_kill = len(done())
+    poll("a running scoring task", scoring_task, 600, every=0.5)
+    time.sleep(3)
+    running(cluster, sid)
+    done_at_kill = len(list(cache.glob("scores/lm-*/*.done.json")))
     os.kill(victim["pid"], signal.SIGKILL)
     t_kill = time.monotonic()
     info = cluster.wait_ok(sid, timeout=600)
     shards_total = len(list((built / "cache").glob("corpus-*/data/*.parquet")))
-    assert 0 < done_at_kill < shards_total, (done_at_kill, shards_total)  # killed mid-scoring
+    assert done_at_kill < shards_total, (done_at_kill, shards_total)  # killed mid-scoring
     m = check_select_output(out, budget=200, rows=ROWS)
     (key, st), = m["scoring"].items()
     assert key.startswith("lm-") and st["shards_scored"] == st["shards_total"] == shards_total
