@@ -228,11 +228,24 @@ node_name() {  # validate a worker node name w<I> (the head is not killed or res
     [[ "${1:-}" =~ ^w[1-9][0-9]*$ ]] || die "give a worker node name: w1, w2, ..."
 }
 
-cmd_kill_node() {  # abrupt node loss: SIGKILL the node's whole process group (raylet, workers)
+tree_pids() {  # PID and all its descendants (by parent pid, whatever their process group)
+    local todo=("$1") out=() p
+    while ((${#todo[@]})); do
+        p=${todo[0]}; todo=("${todo[@]:1}"); out+=("$p")
+        todo+=($(ps -o pid= --ppid "$p" 2>/dev/null || true))
+    done
+    echo "${out[@]}"
+}
+
+cmd_kill_node() {  # abrupt node loss: SIGKILL the node's processes (raylet, agents, workers)
     node_name "${1:-}"
     local f="$DIR/pids/$1.pid" pid
     [[ -f "$f" ]] || die "no node $1 (see status)"
     pid="$(cat "$f")"
+    # Ray 2.60's raylet puts every worker process in its own process group ("per-worker
+    # process groups"): killing the node's group alone left the workers running (a Ray Train
+    # rank kept training over gloo). Kill the whole process tree, then the group.
+    kill -KILL $(tree_pids "$pid") 2>/dev/null || true
     kill -KILL -- "-$pid" 2>/dev/null || true
     for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
     echo "local_cluster: killed node $1 (process group $pid)"
