@@ -5,6 +5,8 @@
 #   source "$EFFSFT_CLUSTER_DIR/env.sh" # RAY_ADDRESS (Jobs API), RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH
 #   ray job submit --working-dir . -- python -m effsft prepare jobs/prepare.yaml
 #   cluster/local_cluster.sh status
+#   cluster/local_cluster.sh kill-node w1   # node loss: SIGKILL w1's process group
+#   cluster/local_cluster.sh start-node w1  # w1 joins again (a new node id, fresh ports)
 #   cluster/local_cluster.sh stop
 #
 # Every node is its own `ray start --block` process (its own raylet, object store, agents and
@@ -81,26 +83,30 @@ nodes = json.load(sys.stdin)["data"]["result"]["result"]
 print(sum(n["state"] == "ALIVE" for n in nodes))' 2>/dev/null || true
 }
 
-wait_nodes() {
-    local want=$1 deadline=$((SECONDS + TIMEOUT)) n
+wait_nodes() {  # wait_nodes N: N nodes ALIVE; a worker node that dies starting is retried
+    local want=$1 deadline=$((SECONDS + TIMEOUT)) n f name
+    local -A retries=()
     while (( SECONDS < deadline )); do
         n="$(alive_nodes)"
         [[ "$n" == "$want" ]] && return 0
         for f in "$DIR"/pids/*.pid; do
-            alive "$f" || die "node $(basename "$f" .pid) exited during start-up; see $DIR/logs/"
+            alive "$f" && continue
+            name="$(basename "$f" .pid)"
+            # On an overloaded machine a joining raylet can miss the GCS's start-up deadline
+            # (60 s) and exit: start it again (fresh ports), twice at most.
+            if [[ "$name" == w* ]] && (( ${retries[$name]:-0} < 2 )); then
+                retries[$name]=$(( ${retries[$name]:-0} + 1 ))
+                echo "local_cluster: node $name exited during start-up, retrying" >&2
+                cp "$DIR/logs/$name.log" "$DIR/logs/$name.failed-${retries[$name]}.log" || true
+                kill -KILL -- "-$(cat "$f")" 2>/dev/null || true   # what it left behind
+                start_worker "${name#w}" "$(cat "$DIR/gcs_port")"
+                continue
+            fi
+            die "node $name exited during start-up; see $DIR/logs/"
         done
         sleep 1
     done
     die "timed out after ${TIMEOUT}s waiting for $want alive nodes (have ${n:-0}); see $DIR/logs/"
-}
-
-wait_port() {  # the head's GCS accepts connections: worker nodes can join
-    local deadline=$((SECONDS + TIMEOUT))
-    until (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; do
-        alive "$DIR/pids/head.pid" || die "head exited during start-up; see $DIR/logs/head.log"
-        (( SECONDS < deadline )) || die "timed out after ${TIMEOUT}s waiting for the GCS on port $1"
-        sleep 0.5
-    done
 }
 
 start_node() {  # start_node NAME [RAY START ARGS...]
@@ -112,6 +118,39 @@ start_node() {  # start_node NAME [RAY START ARGS...]
     echo $! >"$DIR/pids/$name.pid"
 }
 
+start_worker() {  # start_worker I GCS_PORT: worker node w<I>, fresh ports
+    # No --node-ip-address: Ray takes the address it reaches the head from. Its own temp dir:
+    # by default a worker node takes the head's, and two nodes on one machine would then share
+    # one session dir (logs, sockets, and the runtime-env unpack dir, where a job's working_dir
+    # being unpacked again by the other node raced with the driver importing from it).
+    local i=$1 gcs=$2 AGENT AGENT_GRPC RTENV METRICS NM OM
+    read -r AGENT AGENT_GRPC RTENV METRICS NM OM < <(free_ports 6)
+    start_node "w$i" --address "127.0.0.1:$gcs" \
+        --dashboard-agent-listen-port "$AGENT" --dashboard-agent-grpc-port "$AGENT_GRPC" \
+        --runtime-env-agent-port "$RTENV" --metrics-export-port "$METRICS" \
+        --node-manager-port "$NM" --object-manager-port "$OM" \
+        --num-cpus "$WORKER_CPUS" --resources "{\"node_w$i\": 1}" --temp-dir "$DIR/w$i"
+}
+
+start_head() {  # head on fresh ports; returns 1 if it exits before it is ALIVE
+    read -r GCS DASH CLIENT AGENT AGENT_GRPC RTENV METRICS NM OM < <(free_ports 9)
+    echo "http://127.0.0.1:$DASH" >"$DIR/dashboard_url"
+    echo "$GCS" >"$DIR/gcs_port"
+    start_node head --head --node-ip-address 127.0.0.1 --port "$GCS" \
+        --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$DASH" \
+        --ray-client-server-port "$CLIENT" --dashboard-agent-listen-port "$AGENT" \
+        --dashboard-agent-grpc-port "$AGENT_GRPC" --runtime-env-agent-port "$RTENV" \
+        --metrics-export-port "$METRICS" --node-manager-port "$NM" --object-manager-port "$OM" \
+        --temp-dir "$DIR/r" --num-cpus "$HEAD_CPUS" --resources '{"node_head": 1}'
+    local deadline=$((SECONDS + TIMEOUT))
+    # The head is registered and its dashboard answers before workers join.
+    until [[ "$(alive_nodes)" == 1 ]]; do
+        alive "$DIR/pids/head.pid" || return 1
+        (( SECONDS < deadline )) || die "timed out after ${TIMEOUT}s waiting for the head"
+        sleep 1
+    done
+}
+
 cmd_start() {
     if alive "$DIR/pids/head.pid"; then
         echo "local_cluster: already running (state in $DIR)"; cmd_status; return 0
@@ -120,24 +159,17 @@ cmd_start() {
     rm -f "$DIR"/pids/*.pid
     trap 'echo "local_cluster: start failed, stopping what was started" >&2; cmd_stop >&2' EXIT
     (umask 077; "$PY" -c 'import secrets; print(secrets.token_hex(32))' >"$DIR/auth_token")
-    read -r GCS DASH CLIENT AGENT AGENT_GRPC RTENV METRICS NM OM < <(free_ports 9)
-    echo "http://127.0.0.1:$DASH" >"$DIR/dashboard_url"
-    start_node head --head --node-ip-address 127.0.0.1 --port "$GCS" \
-        --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$DASH" \
-        --ray-client-server-port "$CLIENT" --dashboard-agent-listen-port "$AGENT" \
-        --dashboard-agent-grpc-port "$AGENT_GRPC" --runtime-env-agent-port "$RTENV" \
-        --metrics-export-port "$METRICS" --node-manager-port "$NM" --object-manager-port "$OM" \
-        --temp-dir "$DIR/r" --num-cpus "$HEAD_CPUS" --resources '{"node_head": 1}'
-    wait_port "$GCS"
-    # Worker nodes: no --node-ip-address, so Ray takes the address it reaches the head from.
-    for i in $(seq 1 "$WORKERS"); do
-        read -r AGENT AGENT_GRPC RTENV METRICS NM OM < <(free_ports 6)
-        start_node "w$i" --address "127.0.0.1:$GCS" \
-            --dashboard-agent-listen-port "$AGENT" --dashboard-agent-grpc-port "$AGENT_GRPC" \
-            --runtime-env-agent-port "$RTENV" --metrics-export-port "$METRICS" \
-            --node-manager-port "$NM" --object-manager-port "$OM" \
-            --num-cpus "$WORKER_CPUS" --resources "{\"node_w$i\": 1}"
+    local attempt
+    for attempt in 1 2 3; do
+        # On an overloaded machine the raylet can miss Ray's fixed 30 s registration deadline
+        # and the node exits: start the head again on fresh ports (3 tries).
+        start_head && break
+        (( attempt < 3 )) || die "head failed to start 3 times; see $DIR/logs/head*.log"
+        echo "local_cluster: head exited during start-up, retrying" >&2
+        cp "$DIR/logs/head.log" "$DIR/logs/head.failed-$attempt.log" || true
+        kill -KILL -- "-$(cat "$DIR/pids/head.pid")" 2>/dev/null || true
     done
+    for i in $(seq 1 "$WORKERS"); do start_worker "$i" "$GCS"; done
     wait_nodes $((WORKERS + 1))
     cat >"$DIR/env.sh" <<EOF
 # source me: clients of this cluster (ray job submit, JobSubmissionClient, ray status)
@@ -192,9 +224,51 @@ cmd_status() {
     echo "alive nodes (GCS view): $(alive_nodes)"
 }
 
+node_name() {  # validate a worker node name w<I> (the head is not killed or restarted here)
+    [[ "${1:-}" =~ ^w[1-9][0-9]*$ ]] || die "give a worker node name: w1, w2, ..."
+}
+
+tree_pids() {  # PID and all its descendants (by parent pid, whatever their process group)
+    local todo=("$1") out=() p
+    while ((${#todo[@]})); do
+        p=${todo[0]}; todo=("${todo[@]:1}"); out+=("$p")
+        todo+=($(ps -o pid= --ppid "$p" 2>/dev/null || true))
+    done
+    echo "${out[@]}"
+}
+
+cmd_kill_node() {  # abrupt node loss: SIGKILL the node's processes (raylet, agents, workers)
+    node_name "${1:-}"
+    local f="$DIR/pids/$1.pid" pid
+    [[ -f "$f" ]] || die "no node $1 (see status)"
+    pid="$(cat "$f")"
+    # Ray 2.60's raylet puts every worker process in its own process group ("per-worker
+    # process groups"): killing the node's group alone left the workers running (a Ray Train
+    # rank kept training over gloo). Kill the whole process tree, then the group.
+    kill -KILL $(tree_pids "$pid") 2>/dev/null || true
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    echo "local_cluster: killed node $1 (process group $pid)"
+}
+
+cmd_start_node() {  # (re)start worker node w<I> and wait until it is ALIVE: it joins as a new node
+    node_name "${1:-}"
+    alive "$DIR/pids/head.pid" || die "the head is not running"
+    alive "$DIR/pids/$1.pid" && die "node $1 is running (kill-node it first)"
+    [[ -f "$DIR/pids/$1.pid" ]] && kill -KILL -- "-$(cat "$DIR/pids/$1.pid")" 2>/dev/null || true
+    local f want=0
+    start_worker "${1#w}" "$(cat "$DIR/gcs_port")"
+    for f in "$DIR"/pids/*.pid; do alive "$f" && want=$((want + 1)); done
+    # Equality: also waits until the GCS has marked a killed node dead.
+    wait_nodes "$want"
+    echo "local_cluster: node $1 up"
+}
+
 case "${1:-}" in
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
-    *) echo "usage: $0 start|stop|status   (state in \$EFFSFT_CLUSTER_DIR, default $DIR)" >&2; exit 2 ;;
+    kill-node) cmd_kill_node "${2:-}" ;;
+    start-node) cmd_start_node "${2:-}" ;;
+    *) echo "usage: $0 start|stop|status|kill-node wI|start-node wI   (state in \$EFFSFT_CLUSTER_DIR, default $DIR)" >&2; exit 2 ;;
 esac
