@@ -329,7 +329,17 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (forked processes)")
     p.add_argument("--log-every", type=int, default=0)
     p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--report-from", nargs="+", default=None,
+                   help="only print the tables from the --json files of earlier runs (merged)")
     args = p.parse_args(argv)
+    if args.report_from:
+        merged = {}
+        for path in args.report_from:
+            with open(path) as f:
+                for r in json.load(f)["results"]:
+                    merged[(r["method"], r["seed"])] = r
+        print(report(sorted(merged.values(), key=lambda r: (list(METHODS).index(r["method"]), r["seed"]))))
+        return
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
