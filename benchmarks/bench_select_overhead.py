@@ -181,10 +181,11 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--size", default="small", choices=["tiny", "small", "base"])
     ap.add_argument("--workdir", default=None, help="keep corpus/model here (default: a temp dir)")
-    ap.add_argument("--quick", action="store_true", help="600 rows, 2 shards, tiny model (< 2 min)")
+    ap.add_argument("--quick", action="store_true", help="600 rows, 2 shards, tiny model, plain vs ray only (< 2 min)")
     args = ap.parse_args()
     if args.quick:
         args.rows, args.shards, args.size = 600, 2, "tiny"
+        args.configs = args.configs or f"plain:1x{args.threads},ray:{args.threads}x1"
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="selbench-ovh-"))
     print(common.machine_line())
     corpus = common.make_corpus(tmp / f"corpus-{args.rows}", args.rows, -(-args.rows // args.shards))
