@@ -172,15 +172,20 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=4000)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2, help="total torch threads of each configuration")
+    ap.add_argument("--configs", default=None,
+                    help="comma list of KIND:AxT (plain:1xT = driver loop with T threads, ray:AxT = A actors "
+                         "of T threads); default plain:1x2,plain:1x1,ray:2x1,ray:1x2,ray:1x1; the first is "
+                         "the baseline")
     ap.add_argument("--batch-rows", type=int, default=256, help="rows per call (scorer.batch_size)")
     ap.add_argument("--micro", type=int, default=8, help="rows per forward (scorer.micro_batch_size)")
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--size", default="small", choices=["tiny", "small", "base"])
     ap.add_argument("--workdir", default=None, help="keep corpus/model here (default: a temp dir)")
-    ap.add_argument("--quick", action="store_true", help="600 rows, 2 shards, tiny model (< 2 min)")
+    ap.add_argument("--quick", action="store_true", help="600 rows, 2 shards, tiny model, plain vs ray only (< 2 min)")
     args = ap.parse_args()
     if args.quick:
         args.rows, args.shards, args.size = 600, 2, "tiny"
+        args.configs = args.configs or f"plain:1x{args.threads},ray:{args.threads}x1"
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="selbench-ovh-"))
     print(common.machine_line())
     corpus = common.make_corpus(tmp / f"corpus-{args.rows}", args.rows, -(-args.rows // args.shards))
@@ -204,10 +209,13 @@ def main() -> None:
     work.mkdir()
     T = args.threads
     # plain 1 thr and ray 1×1 too: on a loaded 2-core box, 2 OpenMP threads in one process can
-    # be slower than 1 (barrier waits), so per-process threading must be compared like for like.
-    configs = [("plain", 1, T), ("plain", 1, 1), ("ray", T, 1), ("ray", 1, T), ("ray", 1, 1)]
-    if T == 1:
-        configs = [("plain", 1, 1), ("ray", 1, 1)]
+    # be far slower than 1 (barrier waits), so per-process threading must be compared like for like.
+    spec = args.configs or f"plain:1x{T},plain:1x1,ray:{T}x1,ray:1x{T},ray:1x1"
+    configs = []
+    for c in dict.fromkeys(spec.split(",")):  # ordered, no repeats
+        kind, at = c.split(":")
+        a, t = (int(x) for x in at.split("x"))
+        configs.append((kind, a, t))
     results = []
     for kind, a, t in configs:
         label = f"plain {t} thr" if kind == "plain" else f"ray {a} actor(s) × {t} thr"
@@ -227,10 +235,9 @@ def main() -> None:
         print(f"   wall {r['wall_s']:.1f}s, load {r['load_s']:.1f}s, scoring {r['score_s']:.1f}s", flush=True)
 
     base = results[0]
-    one = next(r for r in results if r["label"] == "plain 1 thr")
+    one = next((r for r in results if r["label"] == "plain 1 thr"), base)
     ok_ids = [k for k, v in base["ce"].items() if v is not None and np.isfinite(v)]
-    lines = ["", f"rows {len(msgs)}, tokens/row {tbar['ce']:.1f} (ce pass), threads {T} per configuration; "
-             f"{common.load_line()}", "",
+    lines = ["", f"rows {len(msgs)}, tokens/row {tbar['ce']:.1f} (ce pass); {common.load_line()}", "",
              f"| configuration | scoring s (excl. load) | rows/s | tokens/s | ratio vs {base['label']} | "
              f"ratio vs {one['label']} | end-to-end wall s | wall ratio vs {base['label']} | model load s | "
              "max abs Δce vs plain |",

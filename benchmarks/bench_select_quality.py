@@ -88,7 +88,7 @@ def train_model(model_dir: Path, corpus: Path, steps: int, batch: int, lr: float
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if (step + 1) % max(1, steps // 5) == 0:
             print(f"  step {step + 1}/{steps}: train loss {np.mean(losses[-20:]):.3f} "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
