@@ -22,7 +22,9 @@ from effsft.cli import main as effsft_main
 sys.path.insert(0, str(Path(__file__).parent))
 from e2e_checks import check_select_output, check_store, metric_steps, n_ok  # noqa: E402
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+# Slow tier: select + sft jobs on the 2-node cluster take minutes; test_ray_job_submit.py keeps
+# the Jobs API on a 2-node cluster in CI.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = {"EFFSFT_CLUSTER_HEAD_CPUS": "3", "EFFSFT_CLUSTER_WORKER_CPUS": "3"}
