@@ -58,3 +58,27 @@ def tiny_model_dir(synth_corpus, tmp_path_factory) -> Path:
 
     return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny-llama", "llama",
                             corpus=str(synth_corpus), seed=0)
+
+
+@pytest.fixture(scope="session")
+def single_process_group():
+    """One gloo process group (rank 0 of 1) for the whole session.
+
+    Why session-wide: DeepSpeed caches its process-group objects at module level, so a group
+    destroyed and re-created between test modules leaves DeepSpeed holding a stale, unregistered
+    group ("Group ... is not registered")."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -2,8 +2,6 @@
 rank and micro-batch, the rollout actor class, and the DeepSpeed GA compensation checked on the
 installed DeepSpeed (world size 1) against a plain-torch gradient."""
 import math
-import os
-import socket
 
 import pytest
 import torch
@@ -134,26 +132,6 @@ def test_rollout_worker_generates_ids_and_syncs_weights(tmp_path):
 
 
 # ---- the loss hook and DeepSpeed's GA division -----------------------------------------------
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def single_process_group():
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield
-        return
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
 
 def _naive_step_objective(model, prompts, comps, adv, old, loss_type, L_max):
     """Spec §3 objective of a whole optimizer step (W = 1), written per token with full logits:

@@ -2,8 +2,6 @@
 hand-computed response-only NLL, micro-batching/accumulation equivalence on a real DeepSpeed
 engine (world size 1), the data stream's resume position, the metrics log, the configs."""
 import math
-import os
-import socket
 
 import numpy as np
 import pytest
@@ -148,23 +146,6 @@ def test_sft_loss_with_lora_trains_only_adapters():
 
 
 # ---- micro-batching / accumulation on a real DeepSpeed engine ----------------------------
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def single_process_group():
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
 
 def _one_step(micro_batch_size, grad_accum, rows):
     from effsft.train.config import TrainSpec
