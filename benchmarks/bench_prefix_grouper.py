@@ -206,7 +206,7 @@ def main(argv=None):
         attn_implementation=a.attn,
     )
     model = transformers.LlamaForCausalLM(cfg).to(device=a.device, dtype=dtype).train()
-    c_pw, c_att = pgm.cost_coefficients(model)
+    c_pw, c_att, c_head = pgm.cost_coefficients(model)
     paths = {"repeated": lambda m, p, c: pgm.completion_logprobs(m, p, c, grouped=False),
              "grouped": lambda m, p, c: pgm.completion_logprobs(m, p, c, grouped=True)}
     if not a.no_pkg:
@@ -225,7 +225,7 @@ def main(argv=None):
     print("# time = median fwd+bwd; ratio = grouped/repeated (pkg = prefix_grouper package / repeated); "
           f"mem = {mem_name}" + ("" if a.device == "cuda" else ", rss = peak RSS increase (approx.)"))
     head = (f"| G | Lp | Lr | t_rep ms | t_grp ms | time ratio | min-time ratio | pkg time ratio | {mem_name} rep MB | mem ratio | "
-            "rss ratio | theo pw | theo attn | theo comb |")
+            "rss ratio | theo pw | theo attn | theo comb | theo total | time / theo total |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for G in [int(x) for x in a.groups.split(",")]:
@@ -233,13 +233,14 @@ def main(argv=None):
             Lp = r * lr_len
             prompts, comps = make_batch(a.prompts, G, Lp, lr_len, vocab, a.device)
             res = measure_all(model, paths, prompts, comps, warmup, reps, a.device)
-            th = pgm.theoretical_ratios(G, Lp, lr_len, c_pw, c_att)
+            th = pgm.theoretical_ratios(G, Lp, lr_len, c_pw, c_att, c_head)
             rep, grp = res["repeated"], res["grouped"]
             pkg_ratio = f"{res['pkg'][0] / rep[0]:.3f}" if "pkg" in res else "n/a"
             rss_ratio = f"{grp[2] / rep[2]:.3f}" if rep[2] and rep[2] == rep[2] else "n/a"
             print(f"| {G} | {Lp} | {lr_len} | {rep[0] * 1e3:.1f} | {grp[0] * 1e3:.1f} | {grp[0] / rep[0]:.3f} | {grp[3] / rep[3]:.3f} | "
                   f"{pkg_ratio} | {rep[1] / 2**20:.1f} | {grp[1] / rep[1]:.3f} | {rss_ratio} | "
-                  f"{th['pointwise']:.3f} | {th['attention']:.3f} | {th['combined']:.3f} |", flush=True)
+                  f"{th['pointwise']:.3f} | {th['attention']:.3f} | {th['combined']:.3f} | {th['total']:.3f} | "
+                  f"{grp[0] / rep[0] / th['total']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

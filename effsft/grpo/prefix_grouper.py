@@ -474,32 +474,39 @@ def split_padded(ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 # Theoretical cost (paper Lemma 2.2, spec §1)
 # ----------------------------------------------------------------------------------------------
-def cost_coefficients(model) -> tuple[float, float]:
-    """``(c_pw, c_att)``: ~2 * non-embedding params FLOPs per token; 4 * layers * heads * head_dim per q-k pair."""
+def cost_coefficients(model) -> tuple[float, float, float]:
+    """``(c_pw, c_att, c_head)`` FLOPs: ~2 * non-embedding params per token; 4 * layers * heads *
+    head_dim per q-k pair; 2 * vocab * hidden per token that goes through the LM head."""
     cfg = model.config
     emb = sum(m.weight.numel() for m in {model.get_input_embeddings(), model.get_output_embeddings()})
     n_nonemb = sum(p.numel() for p in model.parameters()) - emb
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2.0 * n_nonemb, 4.0 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim
+    return 2.0 * n_nonemb, 4.0 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim, \
+        2.0 * model.get_output_embeddings().weight.numel()
 
 
 def theoretical_ratios(G: int, Lp: float, Lr: float, c_pw: float | None = None,
-                       c_att: float | None = None) -> dict[str, float]:
+                       c_att: float | None = None, c_head: float | None = None) -> dict[str, float]:
     """Grouped / repeated FLOP ratios of one prompt group.
 
     Args:
         G: completions per prompt; Lp, Lr: prompt and completion lengths.
-        c_pw, c_att: per-token and per-(q, k)-pair costs (see :func:`cost_coefficients`); the
-            combined ratio is NaN without them.
+        c_pw, c_att, c_head: per-token, per-(q, k)-pair and per-scored-token LM-head costs (see
+            :func:`cost_coefficients`); ``combined`` is NaN without the first two, ``total`` without
+            all three.
 
     Returns:
-        ``{"pointwise", "attention", "combined"}``.
+        ``{"pointwise", "attention", "combined", "total"}``: the decoder's pointwise ops, its
+        attention, both weighted by FLOPs, and ``total`` = combined plus the LM head on the G * Lr
+        completion positions, which both paths compute (it is what prefix sharing cannot save).
     """
     pointwise = (Lp + G * Lr) / (G * (Lp + Lr))
     attention = (Lp**2 + G * Lr * (2 * Lp + Lr)) / (G * (Lp + Lr) ** 2)
-    combined = math.nan
+    combined = total = math.nan
     if c_pw is not None and c_att is not None:
         num = c_pw * (Lp + G * Lr) + c_att * (Lp**2 / 2 + G * (Lr * Lp + Lr**2 / 2))
         den = G * (c_pw * (Lp + Lr) + c_att * (Lp + Lr) ** 2 / 2)
-        combined = num / den
-    return {"pointwise": pointwise, "attention": attention, "combined": combined}
+        combined = num / den if den else math.nan
+        if c_head is not None:
+            total = (num + c_head * G * Lr) / (den + c_head * G * Lr)
+    return {"pointwise": pointwise, "attention": attention, "combined": combined, "total": total}

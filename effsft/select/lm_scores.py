@@ -23,6 +23,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from effsft.models.parts import decoder_and_head, head_logits_fp32
+
 __all__ = [
     "STATUS_OK",
     "STATUS_PROMPT_TOO_LONG",
@@ -34,7 +36,6 @@ __all__ = [
     "length_scores",
     "length_sorted_batches",
     "pad_right",
-    "split_body_head",
     "last_hidden",
     "answer_token_stats",
     "ifd_ratio",
@@ -225,30 +226,10 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
 
 
 # ----------------------------------------------------------------------------- forward
-def split_body_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(decoder body returning last_hidden_state, lm_head) of an HF causal LM."""
-    body = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if body is None:
-        body = getattr(model, model.base_model_prefix)
-    head = model.get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embeddings")
-    return body, head
-
-
-def _head_logits_fp32(model, head: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """lm_head on a chunk of hidden states, upcast to fp32. [m, H] -> [m, V]."""
-    logits = head(h).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma-2 style models
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
 @torch.inference_mode()
 def last_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Final-layer hidden states (after the final norm). [B, T] -> [B, T, H]."""
-    body, _ = split_body_head(model)
+    body, _ = decoder_and_head(model, plain_head=False)
     return body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
@@ -276,7 +257,7 @@ def answer_token_stats(
     Returns:
         ``(nll_sum [B], entropy_sum [B], n_tokens [B])`` as fp64 / fp64 / int64 on CPU.
     """
-    _, head = split_body_head(model)
+    _, head = decoder_and_head(model, plain_head=False)
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     hidden = last_hidden(model, input_ids, attention_mask)  # [B, T, H]
@@ -287,7 +268,7 @@ def answer_token_stats(
     ent_sum = torch.zeros(B, dtype=torch.float64, device=device)
     for s in range(0, len(b_idx), chunk_size):
         sl = slice(s, s + chunk_size)
-        logp = torch.log_softmax(_head_logits_fp32(model, head, hidden[b_idx[sl], t_idx[sl]]), -1)  # [m, V]
+        logp = torch.log_softmax(head_logits_fp32(model, head, hidden[b_idx[sl], t_idx[sl]]), -1)  # [m, V]
         nll = -logp.gather(1, targets[sl, None]).squeeze(1)  # [m]
         ent = -(logp.exp() * logp).sum(-1)  # [m]
         nll_sum.index_add_(0, b_idx[sl], nll.double())

@@ -22,7 +22,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from effsft.select.lm_scores import length_sorted_batches, pad_right, split_body_head
+from effsft.models.parts import decoder_and_head, head_logits_fp32
+from effsft.select.lm_scores import length_sorted_batches, pad_right
 
 __all__ = [
     "RATING_PROMPTS",
@@ -165,12 +166,12 @@ def model_level_score(per_model: Sequence[np.ndarray], param_counts: Sequence[in
 @torch.inference_mode()
 def last_position_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Logits at each row's last real token only. [B, T] (right-padded) -> [B, V] fp32."""
-    body, head = split_body_head(model)
+    body, head = decoder_and_head(model, plain_head=False)
     device = next(model.parameters()).device
     hidden = body(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).last_hidden_state
     last = attention_mask.sum(1).to(device) - 1  # [B]
     h = hidden[torch.arange(len(last), device=device), last]  # [B, H]
-    return head(h).float().cpu()
+    return head_logits_fp32(model, head, h).cpu()
 
 
 def _digit_probs_for(model, seqs: Sequence[list[int]], pad_id: int, digit_ids: Sequence[int]) -> np.ndarray:

@@ -16,23 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from effsft.models.parts import decoder_and_head
+
 IGNORE_INDEX = -100
-
-
-def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(backbone returning the final normed hidden states, lm_head module); unwraps peft.
-
-    Raises:
-        NotImplementedError: heads this path cannot reproduce (bias, soft-capping, scaling).
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings()
-    cfg = base.config
-    if (getattr(head, "bias", None) is not None or getattr(cfg, "final_logit_softcapping", None)
-            or getattr(cfg, "logit_scale", None)):
-        raise NotImplementedError(f"{type(base).__name__}: lm_head with bias/soft-capping/"
-                                  "scale is not supported by the chunked loss")
-    return base.get_decoder(), head
 
 
 def _chunk_nll_sum(head: torch.nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

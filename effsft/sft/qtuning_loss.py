@@ -25,6 +25,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from effsft.models.parts import decoder_and_head
 from effsft.sft.qtuning import (
     SampleStats,
     eu_select,
@@ -69,20 +70,6 @@ class QTuningConfig:
     plot_every: int = 500
     baseline_order: str = "default"
     seed: int = 0
-
-
-def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.Tensor]:
-    """The backbone (returns final normed hidden states) and the lm_head weight ``[V, H]``.
-
-    Raises:
-        NotImplementedError: heads this path cannot reproduce (bias, logit soft-capping, scaling).
-    """
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    head = model.get_output_embeddings()
-    cfg = model.config
-    if getattr(head, "bias", None) is not None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-        raise NotImplementedError(f"{type(model).__name__}: lm_head with bias/soft-capping/scale is not supported")
-    return decoder, head.weight
 
 
 def _hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -140,7 +127,8 @@ def _loss_scale(global_den: int | None, info: dict) -> tuple[int | None, float]:
 
 
 def _mask_step(model, batch, cfg, step, chunk_tokens, all_gather, rank):
-    decoder, weight = decoder_and_head(model)
+    decoder, head = decoder_and_head(model)
+    weight = head.weight
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     masks = label_masks(labels, attention_mask)
     hidden = _hidden(decoder, input_ids, attention_mask)  # [B, T, H], with grad
@@ -161,7 +149,8 @@ def _crop_right(attention_mask: torch.Tensor) -> int:
 
 
 def _two_pass_step(model, batch, cfg, step, chunk_tokens, all_gather, rank):
-    decoder, weight = decoder_and_head(model)
+    decoder, head = decoder_and_head(model)
+    weight = head.weight
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     masks = label_masks(labels, attention_mask)
     if cfg.method in _NEEDS_NLL + _NEEDS_ENTROPY:

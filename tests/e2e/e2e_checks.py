@@ -62,3 +62,23 @@ def poll(what: str, fn, timeout: float, every: float = 0.25):
             return got
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def build_corpus_and_model(built: Path, rows: int, eval_rows: int = 8) -> None:
+    """A synthetic corpus (2% garbage rows) and a tiny model under ``built`` (no Ray needed)."""
+    from effsft.cli import main as effsft_main
+
+    root = Path(__file__).resolve().parents[2]
+    corpus, model = built / "corpus", built / "model"
+    assert effsft_main(["synth", str(root / "jobs/synth.yaml"), f"output={corpus}", f"rows={rows}",
+                        f"eval_rows={eval_rows}", "grpo_rows=8", "garbage=0.02"]) == 0
+    assert effsft_main(["tiny-model", str(root / "jobs/tiny_model.yaml"), f"output={model}",
+                        f"corpus={corpus}", "vocab_size=300", "max_position=256"]) == 0
+
+
+def job_running(cluster, sid: str) -> None:
+    """Fail at once (with the driver's log) if the job ended while a test waits on it."""
+    info = cluster.client.get_job_info(sid)
+    if getattr(info.status, "value", str(info.status)) in {"SUCCEEDED", "FAILED", "STOPPED"}:
+        raise AssertionError(f"job ended early: {info.status}\n"
+                             f"{cluster.client.get_job_logs(sid)[-4000:]}")

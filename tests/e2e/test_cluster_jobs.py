@@ -1,72 +1,120 @@
-"""`select` and `sft` as Ray jobs on a real 2-node cluster (tests/e2e/conftest.py), both nodes
-with 3 logical CPUs.
+"""effsft jobs through the Ray Jobs API on a real 2-node cluster (tests/e2e/conftest.py: head
+with 2 logical CPUs, worker node w1 with 3), as `ray job submit` sends them.
 
-* select (length): the scorer actor pool and read tasks are spread by Ray Data over both
-  nodes; outputs, manifest accounting and the score store are checked.
-* sft (2 workers x DeepSpeed ZeRO-2): ``train.cpus_per_worker=2`` fits one worker per node
-  (2 + 2 > 3), so the gloo process group really spans two raylets.
+All jobs go in at once (they share the cluster, as users' jobs do); each test waits for its own:
 
-Both jobs go in at once (they share the cluster, as users' jobs do): the module's wall time is
-roughly the slower of the two, plus the cluster start.
+* prepare: its driver is pinned to w1 through w1's custom resource;
+* eval: the driver stays on the head, its model task asks for 3 CPUs (only w1 has them);
+* a bad config: FAILED fast with the key named, nothing written, Ray never contacted;
+* select (length): Ray Data's scorer actors and read tasks run on both nodes; accounting,
+  selection and the score store are checked;
+* sft (2 workers x DeepSpeed ZeRO-2, 1.6 CPUs each: one per node), so the gloo group spans
+  two raylets.
+
+Then, with the cluster to itself, the fault test: a longer sft whose worker NODE w1 is killed
+(raylet, object store, the rank living there) once a checkpoint is reported; w1 is started
+again and Ray Train resumes the worker group from the last checkpoint.
 """
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from effsft.cli import main as effsft_main
-
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e_checks import check_select_output, check_store, metric_steps, n_ok  # noqa: E402
+from e2e_checks import (  # noqa: E402
+    build_corpus_and_model, check_select_output, check_store, job_running, metric_steps, n_ok, poll,
+)
 
-# Slow tier: select + sft jobs on the 2-node cluster take minutes; test_ray_job_submit.py keeps
-# the Jobs API on a 2-node cluster in CI.
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
-ROOT = Path(__file__).resolve().parents[2]
-CLUSTER = {"EFFSFT_CLUSTER_HEAD_CPUS": "3", "EFFSFT_CLUSTER_WORKER_CPUS": "3"}
+CLUSTER = {"EFFSFT_CLUSTER_HEAD_CPUS": "2", "EFFSFT_CLUSTER_WORKER_CPUS": "3"}
 ROWS = 600
 
 
 def build_inputs(built: Path) -> None:
-    corpus, model = built / "corpus", built / "model"
-    assert effsft_main(["synth", str(ROOT / "jobs/synth.yaml"), f"output={corpus}", f"rows={ROWS}",
-                        "eval_rows=8", "grpo_rows=8", "garbage=0.02"]) == 0
-    assert effsft_main(["tiny-model", str(ROOT / "jobs/tiny_model.yaml"), f"output={model}",
-                        f"corpus={corpus}", "vocab_size=300", "max_position=256"]) == 0
+    build_corpus_and_model(built, ROWS, eval_rows=16)
 
 
-def select_args(built: Path, out: str, *extra: str) -> list[str]:
-    return ["select", "jobs/select.yaml", f"input.path={built / 'corpus' / 'train'}",
-            "input.shard_rows=150", f"output={built / out}", f"model.path={built / 'model'}",
-            f"cache_dir={built / 'cache'}", "plots=false", "scorer.concurrency=2",
-            "scorer.max_len=256", *extra]
+def _status(info) -> str:
+    return getattr(info.status, "value", str(info.status))
 
 
 def sft_args(built: Path, out: str, *extra: str) -> list[str]:
     return ["sft", "jobs/sft.yaml", f"model.path={built / 'model'}",
             f"data.path={built / 'corpus' / 'train'}", f"output={built / out}",
-            "tokenize.max_len=128", "train.num_workers=2", "train.cpus_per_worker=2",
+            "tokenize.max_len=128", "train.num_workers=2", "train.cpus_per_worker=1.6",
             "train.zero_stage=2", "train.micro_batch_size=2", "train.grad_accum=1",
             "train.lr=1e-3", "train.warmup_steps=0", "train.schedule=constant", *extra]
 
 
 @pytest.fixture(scope="module")
 def submitted(cluster, built) -> dict:
+    corpus = built / "corpus"
     return {
-        "select": cluster.submit(select_args(built, "select", "method=length", "budget=100",
-                                             "scorer.batch_size=64")),
-        "sft": cluster.submit(sft_args(built, "sft", "train.max_steps=4",
-                                       "train.checkpoint_every=2")),
+        "prepare": cluster.submit(["prepare", "jobs/prepare.yaml", f"input.path={corpus / 'train'}",
+                                   f"output={built / 'prepared'}", "input.shard_rows=250"],
+                                  entrypoint_resources={"node_w1": 1}),
+        "eval": cluster.submit(["eval", "jobs/eval.yaml", f"model.path={built / 'model'}",
+                                f"output={built / 'eval'}", f"data.path={corpus / 'train'}",
+                                f"eval_split={corpus / 'eval.parquet'}", "limit=16",
+                                "max_new_tokens=8", "batch_size=8", "num_cpus=3"]),
+        "bad": cluster.submit(["prepare", "jobs/prepare.yaml", f"input.path={corpus}",
+                               f"output={built / 'bad'}", "input.shard_rowz=5"]),
+        "select": cluster.submit(["select", "jobs/select.yaml", f"input.path={corpus / 'train'}",
+                                  "input.shard_rows=150", f"output={built / 'select'}",
+                                  f"model.path={built / 'model'}", f"cache_dir={built / 'cache'}",
+                                  "plots=false", "scorer.concurrency=2", "scorer.max_len=256",
+                                  "method=length", "budget=100", "scorer.batch_size=64"]),
+        "sft": cluster.submit(sft_args(built, "sft", "train.max_steps=4", "train.checkpoint_every=2")),
     }
+
+
+def test_bad_config_fails_fast_and_writes_nothing(cluster, built, submitted):
+    info = cluster.wait(submitted["bad"], timeout=120)
+    logs = cluster.client.get_job_logs(submitted["bad"])
+    assert _status(info) == "FAILED", logs[-3000:]
+    assert "exit code 2" in (info.message or ""), info.message     # the CLI's bad-config code
+    assert "input.shard_rowz: unknown key" in logs
+    # rejected before any work: no Ray connection, no output, no partial output
+    assert "Connecting to existing Ray cluster" not in logs
+    out = built / "bad"
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
+def test_prepare_driver_on_worker_node(cluster, built, submitted):
+    head, worker = cluster.node_ids()
+    info = cluster.wait_ok(submitted["prepare"], timeout=600)
+    assert info.driver_node_id == worker
+    prepared = built / "prepared"
+    m = json.loads((prepared / "manifest.json").read_text())
+    assert (prepared / "_SUCCESS").exists() and not Path(f"{prepared}.partial").exists()
+    c = m["counts"]
+    assert c["rows_in"] == ROWS and c["rows_in"] == c["rows_ok"] + c["rows_rejected"]
+    assert c["rows_rejected"] > 0                      # the garbage rows
+    assert m["ray"]["mode"] == "cluster"               # connected to the cluster, not embedded
+    assert len(list((prepared / "data").glob("*.parquet"))) >= 2   # shard_rows=250
+
+
+def test_eval_task_on_worker_node(cluster, built, submitted):
+    head, worker = cluster.node_ids()
+    info = cluster.wait_ok(submitted["eval"], timeout=600)
+    assert info.driver_node_id == head
+    out = built / "eval"
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["metrics"]["perplexity"]["rows"] == 16 and m["metrics"]["exact_match"]["n"] == 16
+    assert (out / "report.md").exists() and (out / "_SUCCESS").exists()
+    # The model task ran on the worker node while the driver ran on the head: both nodes.
+    evaluate = [t for t in cluster.tasks(info.job_id) if t["name"].endswith("evaluate")]
+    assert evaluate and {t["node_id"] for t in evaluate} == {worker}, evaluate
 
 
 def test_select_scores_on_both_nodes(cluster, built, submitted):
     head, worker = cluster.node_ids()
-    info = cluster.wait_ok(submitted["select"], timeout=700)
+    info = cluster.wait_ok(submitted["select"], timeout=600)
     m = check_select_output(built / "select", budget=100, rows=ROWS)
     assert [k.split("-")[0] for k in m["scoring"]] == ["length"]
     check_store(built / "cache", n_ok(m))
@@ -82,7 +130,7 @@ def test_select_scores_on_both_nodes(cluster, built, submitted):
 
 def test_sft_one_worker_per_node(cluster, built, submitted):
     head, worker = cluster.node_ids()
-    info = cluster.wait_ok(submitted["sft"], timeout=700)
+    info = cluster.wait_ok(submitted["sft"], timeout=600)
     out = built / "sft"
     m = json.loads((out / "manifest.json").read_text())
     assert m["metrics"]["steps"] == 4 and m["metrics"]["resumed_from_step"] is None
@@ -94,3 +142,49 @@ def test_sft_one_worker_per_node(cluster, built, submitted):
     workers = [a for a in cluster.actors(info.job_id) if a["class_name"].endswith("RayTrainWorker")]
     assert len(workers) == 2, workers
     assert {a["node_id"] for a in workers} == {head, worker}   # one rank on each node
+
+
+def test_sft_survives_losing_a_worker_node(cluster, built, submitted):
+    """Last in the module: it kills w1 (the other jobs are finished by now)."""
+    for sid in submitted.values():
+        cluster.wait(sid, timeout=600)
+    head, worker = cluster.node_ids()
+    out = built / "sft-fault"
+    partial = Path(f"{out}.partial")
+    steps, every = 40, 4
+    sid = cluster.submit(sft_args(built, "sft-fault", f"train.max_steps={steps}",
+                                  f"train.checkpoint_every={every}", "train.max_failures=3"))
+    job_id = poll("the job id", lambda: cluster.client.get_job_info(sid).job_id, 120)
+
+    def ranks_on_both_nodes():
+        job_running(cluster, sid)
+        ws = [a for a in cluster.actors(job_id, state="ALIVE")
+              if a["class_name"].endswith("RayTrainWorker")]
+        return ws if {a["node_id"] for a in ws} == {head, worker} else None
+
+    poll("one train worker per node", ranks_on_both_nodes, 600, every=1)
+
+    def checkpointed():  # a checkpoint is reported (persisted) and training went on past it
+        job_running(cluster, sid)
+        return (list(partial.glob("checkpoints/train/checkpoint_*"))
+                and max(metric_steps(partial) or [0]) > every)
+
+    poll("a reported checkpoint", checkpointed, 600)
+    step_at_kill = max(metric_steps(partial))
+    cluster.script("kill-node", "w1")
+    t_kill = time.monotonic()
+    assert step_at_kill < steps, "training finished before the node was killed"
+    # The cluster notices the loss; w1 then joins again as a new node.
+    poll("the GCS to mark w1 dead", lambda: sum(n["state"] == "ALIVE" for n in cluster.nodes()) == 1,
+         120, every=1)
+    cluster.script("start-node", "w1")
+    t_back = time.monotonic()
+    cluster.wait_ok(sid, timeout=600)
+    m = json.loads((out / "manifest.json").read_text())
+    resumed = m["metrics"]["resumed_from_step"]
+    assert resumed and resumed % every == 0 and 0 < resumed <= step_at_kill, (resumed, step_at_kill)
+    assert m["metrics"]["steps"] == steps
+    assert metric_steps(out) == list(range(1, steps + 1))   # re-run steps logged once
+    assert (out / "_SUCCESS").exists() and (out / "model" / "model.safetensors").exists()
+    print(f"sft: node w1 killed at step {step_at_kill}, back after {t_back - t_kill:.0f}s, "
+          f"resumed from step {resumed}, job done {time.monotonic() - t_kill:.0f}s after the kill")

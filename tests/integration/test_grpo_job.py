@@ -1,5 +1,7 @@
 """effsft grpo end to end on the session's local Ray: 2 rollout actors + 2 DeepSpeed ZeRO-2
-train workers on the tiny model, 3 GRPO steps of 2 prompts x G=4 completions."""
+train workers on the tiny model, 3 GRPO steps of 2 prompts x G=4 completions. Rank 1 is killed
+once after step 3 (before the final save): Ray Train restarts the worker group from the step-2
+checkpoint, the actors get the restored weights, and step 3 runs again."""
 import json
 
 import pytest
@@ -23,14 +25,17 @@ def _args(model, data, out):
             "{fn: 'effsft.grpo.shaping:digit_ratio', weight: 0.5}]"]
 
 
-def test_grpo_three_steps_actors_synced_report_written(tiny_model_dir, synth_corpus, tmp_path, capsys):
+def test_grpo_three_steps_killed_worker_resumes_actors_synced(tiny_model_dir, synth_corpus, tmp_path,
+                                                              capsys):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "grpo"
-    rc = main(_args(tiny_model_dir, synth_corpus / "grpo.parquet", out))
+    rc = main(_args(tiny_model_dir, synth_corpus / "grpo.parquet", out)
+              + ["train.max_failures=1", "fault.kill_rank_at_step={rank: 1, step: 3}"])
     assert rc == 0, capsys.readouterr().err
+    assert (out / ".fault-fired-rank1-step3").exists()
     rows = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # step 3 ran twice, logged once
     for r in rows:
         assert all(torch.isfinite(torch.tensor(r[k])) for k in ("loss", "reward_mean", "reward_std", "kl"))
         assert 0 <= r["frac_zero_adv_groups"] <= 1 and 1 <= r["completion_len_mean"] <= 12
@@ -40,6 +45,7 @@ def test_grpo_three_steps_actors_synced_report_written(tiny_model_dir, synth_cor
     assert any(r["frac_zero_adv_groups"] < 1 and r["grad_norm"] > 0 for r in rows)
     m = json.loads((out / "manifest.json").read_text())
     met = m["metrics"]
+    assert met["resumed_from_step"] == 2
     assert met["steps"] == 3 and met["prefix_grouping"] is True and met["actors_in_sync"] is True
     # every actor holds exactly the trainer's final weights, which are the saved model's
     saved = AutoModelForCausalLM.from_pretrained(out / "model")

@@ -8,6 +8,7 @@ from effsft.grpo.loss import grpo_loss, pad_logprobs
 from effsft.grpo.prefix_grouper import (
     build_plan,
     completion_logprobs,
+    cost_coefficients,
     grouped_attention,
     grouped_attention_mode,
     split_padded,
@@ -289,3 +290,29 @@ def test_theoretical_ratios_table():
         assert t["pointwise"] == pytest.approx(pw, abs=6e-4) and t["attention"] == pytest.approx(att, abs=6e-4)
     c = theoretical_ratios(8, 40, 10, c_pw=1.0, c_att=0.0)["combined"]
     assert c == pytest.approx(theoretical_ratios(8, 40, 10)["pointwise"])
+    t = theoretical_ratios(8, 40, 10, c_pw=1.0, c_att=0.5, c_head=0.0)
+    assert t["total"] == pytest.approx(t["combined"])
+    assert theoretical_ratios(8, 40, 10, c_pw=0.0, c_att=0.0, c_head=1.0)["total"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("G,Lp,Lr", [(4, 12, 6), (8, 24, 6)])
+def test_theoretical_matmul_flops_match_counted_flops(G, Lp, Lr):
+    """The FLOP model against torch's own count of every matmul of both paths (forward):
+    linear layers and the LM head, i.e. ``total`` with the attention term left out."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = make_model(num_key_value_heads=4, tie_word_embeddings=False)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, V, (Lp,), generator=g)]
+    comps = [[torch.randint(0, V, (Lr,), generator=g) for _ in range(G)]]
+    counted = {}
+    for grouped in (True, False):
+        with FlopCounterMode(display=False) as fc:
+            completion_logprobs(model, prompts, comps, grouped=grouped)
+        per_op = fc.get_flop_counts()["Global"]
+        counted[grouped] = sum(v for op, v in per_op.items() if "mm" in str(op))  # mm / addmm / bmm
+    c_pw, _, c_head = cost_coefficients(model)
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    c_pw -= 2.0 * norms  # RMSNorm weights are parameters without a matmul
+    theo = theoretical_ratios(G, Lp, Lr, c_pw, 0.0, c_head)["total"]
+    assert counted[True] / counted[False] == pytest.approx(theo, rel=1e-6)
