@@ -113,6 +113,11 @@ class OutputExists(RuntimeError):
     pass
 
 
+def worker_path(path: str) -> str:
+    """Ray workers run in another directory: hand them absolute local paths (URIs unchanged)."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
 class OutputDir:
     """An output directory that appears atomically.
 

@@ -45,9 +45,9 @@ from typing import List, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from effsft.config import ConfigError, ExistingPath, ModelSpec, Strict, to_dict
-from effsft.runtime import OutputDir, init_ray, timed
-from effsft.train.config import FaultSpec, TrainSpec
+from effsft.config import ConfigError, ExistingPath, Strict, to_dict
+from effsft.runtime import OutputDir, init_ray, timed, worker_path
+from effsft.train.config import TrainJobConfig
 
 log = logging.getLogger("effsft.grpo")
 
@@ -86,12 +86,11 @@ class RolloutSpec(Strict):
     prompts_per_step: int = Field(8, ge=1)
 
 
-class GRPOConfig(Strict):
-    """``effsft grpo``. The GRPO keys are spec §3's with its defaults."""
+class GRPOConfig(TrainJobConfig):
+    """``effsft grpo``: the shared model/output/train/fault/overwrite sections, plus these.
+    The GRPO keys are spec §3's with its defaults."""
 
-    model: ModelSpec
     data: PromptDataSpec
-    output: str
     num_generations: int = Field(8, ge=2)
     scale_rewards: Literal["group", "batch", "none"] = "group"
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
@@ -106,9 +105,6 @@ class GRPOConfig(Strict):
     prefix_grouping: Literal["auto", "on", "off"] = "auto"
     reward: RewardSpec = RewardSpec()
     rollout: RolloutSpec = RolloutSpec()
-    train: TrainSpec = TrainSpec()
-    fault: FaultSpec = FaultSpec()
-    overwrite: bool = False
 
     @model_validator(mode="after")
     def _compatible(self):
@@ -293,10 +289,6 @@ def _scatter(payloads: list | None, ctx) -> list[dict]:
 
 # ---- driver-side stages ---------------------------------------------------------------------
 
-def _abs(path: str) -> str:
-    return path if "://" in path else str(Path(path).resolve())
-
-
 def check_rewards(cfg: GRPOConfig) -> None:
     """Resolve every reward function before any work (a bad import path is a config error)."""
     from effsft.grpo.rewards import load_reward_fn
@@ -370,13 +362,12 @@ def start_actors(cfg: GRPOConfig) -> list:
 
     r, m = cfg.rollout, cfg.model
     Actor = ray.remote(num_cpus=r.num_cpus, num_gpus=r.num_gpus)(RolloutWorker)
-    return [Actor.remote(_abs(m.path), m.dtype, "cuda" if r.num_gpus > 0 else "cpu", m.trust_remote_code,
+    return [Actor.remote(worker_path(m.path), m.dtype, "cuda" if r.num_gpus > 0 else "cpu", m.trust_remote_code,
                          m.attn_implementation, r.num_threads) for _ in range(r.num_actors)]
 
 
 def _loop_spec(cfg: GRPOConfig, steps: int, work: Path, source: GRPOSource):
     from effsft.grpo.controller import GRPOLoss
-    from effsft.train.config import LoraSpec
     from effsft.train.loop import LoopSpec
 
     tr = cfg.train
@@ -385,10 +376,7 @@ def _loop_spec(cfg: GRPOConfig, steps: int, work: Path, source: GRPOSource):
     tr = tr.model_copy(update={"micro_batch_size": groups * cfg.num_generations})
     loss = GRPOLoss(cfg.loss_type, cfg.epsilon, cfg.eps_high, cfg.beta, cfg.max_completion_length,
                     cfg.temperature, source.grouped)
-    return LoopSpec(model_path=_abs(cfg.model.path), train=tr, lora=LoraSpec(), fault=cfg.fault,
-                    loss_fn=loss, total_steps=steps, out_dir=str(work), dtype=cfg.model.dtype,
-                    trust_remote_code=cfg.model.trust_remote_code,
-                    attn_implementation=cfg.model.attn_implementation, step_source=source)
+    return LoopSpec.for_job(cfg, loss, steps, work, train=tr, step_source=source)
 
 
 def _train_tokens_per_s(r: dict) -> float:

@@ -27,9 +27,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from effsft.config import ConfigError, CorpusSpec, ModelSpec, Strict, TokenizeSpec, to_dict
-from effsft.runtime import OutputDir, init_ray, timed
-from effsft.train.config import FaultSpec, LoraSpec, TrainSpec, check_train_lora
+from effsft.config import ConfigError, CorpusSpec, Strict, TokenizeSpec, to_dict
+from effsft.runtime import OutputDir, init_ray, timed, worker_path
+from effsft.train.config import LoraSpec, TrainJobConfig, check_train_lora
 
 log = logging.getLogger("effsft.sft")
 
@@ -58,18 +58,13 @@ class QTuningSpec(Strict):
         return "off" if v is False else v
 
 
-class SFTConfig(Strict):
-    """``effsft sft``."""
+class SFTConfig(TrainJobConfig):
+    """``effsft sft``: the shared model/output/train/fault/overwrite sections, plus these."""
 
-    model: ModelSpec
     data: CorpusSpec
-    output: str
     tokenize: TokenizeSpec = TokenizeSpec()
-    train: TrainSpec = TrainSpec()
     lora: LoraSpec = LoraSpec()
     qtuning: QTuningSpec = QTuningSpec()
-    fault: FaultSpec = FaultSpec()
-    overwrite: bool = False
 
     @model_validator(mode="after")
     def _compatible(self):
@@ -79,15 +74,10 @@ class SFTConfig(Strict):
 
 # ---- stages --------------------------------------------------------------------------------
 
-def _abs(path: str) -> str:
-    """Ray workers run in another directory: hand them absolute local paths."""
-    return path if "://" in path else str(Path(path).resolve())
-
-
 def _data(cfg: SFTConfig):
     from effsft.train.data import tokenised_dataset
 
-    return tokenised_dataset(_abs(cfg.data.path), cfg.data.normalize_options(), _abs(cfg.model.path),
+    return tokenised_dataset(worker_path(cfg.data.path), cfg.data.normalize_options(), worker_path(cfg.model.path),
                              cfg.tokenize.max_len, cfg.tokenize.train_on, cfg.tokenize.truncation,
                              split=cfg.data.split, trust_remote_code=cfg.model.trust_remote_code)
 
@@ -111,11 +101,8 @@ def _loop_spec(cfg: SFTConfig, steps: int, work):
     from effsft.sft.loss import SFTLoss
     from effsft.train.loop import LoopSpec
 
-    return LoopSpec(model_path=_abs(cfg.model.path), train=cfg.train, lora=cfg.lora, fault=cfg.fault,
-                    loss_fn=SFTLoss(cfg.qtuning, cfg.train.chunk_tokens, cfg.train.seed, plot_dir=str(work)),
-                    total_steps=steps, out_dir=str(work), dtype=cfg.model.dtype,
-                    trust_remote_code=cfg.model.trust_remote_code,
-                    attn_implementation=cfg.model.attn_implementation)
+    loss = SFTLoss(cfg.qtuning, cfg.train.chunk_tokens, cfg.train.seed, plot_dir=str(work))
+    return LoopSpec.for_job(cfg, loss, steps, work, lora=cfg.lora)
 
 
 def _report(cfg: SFTConfig, work, rows: list[dict], counts: dict, summary: dict) -> None:

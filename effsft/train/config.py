@@ -8,7 +8,7 @@ from typing import List, Literal, Optional
 
 from pydantic import Field
 
-from effsft.config import Strict
+from effsft.config import ModelSpec, Strict
 
 
 class TrainSpec(Strict):
@@ -70,3 +70,13 @@ def check_train_lora(train: TrainSpec, lora: LoraSpec) -> None:
     if lora.enabled and train.zero_stage == 3:
         raise ValueError("lora.enabled with train.zero_stage=3 is not supported (use stage 0-2)")
 
+
+
+class TrainJobConfig(Strict):
+    """The sections every training job (``sft``, ``grpo``) shares; each job adds its own."""
+
+    model: ModelSpec
+    output: str
+    train: TrainSpec = TrainSpec()
+    fault: FaultSpec = FaultSpec()
+    overwrite: bool = False

@@ -91,6 +91,18 @@ class LoopSpec:
     attn_implementation: Optional[str] = None
     step_source: Optional[StepSource] = None   # None: micro-batches from the "train" dataset shard
 
+    @classmethod
+    def for_job(cls, cfg, loss_fn: LossFn, total_steps: int, out_dir, *, train: Optional[TrainSpec] = None,
+                lora: Optional[LoraSpec] = None, step_source: Optional[StepSource] = None) -> "LoopSpec":
+        """The spec of a :class:`~effsft.train.config.TrainJobConfig` job (model, train, fault)."""
+        from effsft.runtime import worker_path
+
+        m = cfg.model
+        return cls(model_path=worker_path(m.path), train=train or cfg.train, lora=lora or LoraSpec(),
+                   fault=cfg.fault, loss_fn=loss_fn, total_steps=total_steps, out_dir=str(out_dir),
+                   dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                   attn_implementation=m.attn_implementation, step_source=step_source)
+
 
 class LossModule(torch.nn.Module):
     """Wraps the model so the loss hook runs inside ``engine(...)``: DeepSpeed's forward
