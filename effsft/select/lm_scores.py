@@ -257,10 +257,10 @@ def answer_token_stats(
     Returns:
         ``(nll_sum [B], entropy_sum [B], n_tokens [B])`` as fp64 / fp64 / int64 on CPU.
     """
-    _, head = decoder_and_head(model, plain_head=False)
+    body, head = decoder_and_head(model, plain_head=False)
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    hidden = last_hidden(model, input_ids, attention_mask)  # [B, T, H]
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
     b_idx, t_idx = torch.nonzero(target_mask[:, 1:].to(device), as_tuple=True)  # t_idx = t−1
     targets = input_ids[b_idx, t_idx + 1]  # [M]
     B = input_ids.shape[0]

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
 
+from effsft.runtime import worker_path
 from effsft.train.config import FaultSpec, LoraSpec, TrainSpec
 
 log = logging.getLogger("effsft.train")
@@ -95,8 +96,6 @@ class LoopSpec:
     def for_job(cls, cfg, loss_fn: LossFn, total_steps: int, out_dir, *, train: Optional[TrainSpec] = None,
                 lora: Optional[LoraSpec] = None, step_source: Optional[StepSource] = None) -> "LoopSpec":
         """The spec of a :class:`~effsft.train.config.TrainJobConfig` job (model, train, fault)."""
-        from effsft.runtime import worker_path
-
         m = cfg.model
         return cls(model_path=worker_path(m.path), train=train or cfg.train, lora=lora or LoraSpec(),
                    fault=cfg.fault, loss_fn=loss_fn, total_steps=total_steps, out_dir=str(out_dir),

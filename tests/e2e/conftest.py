@@ -25,9 +25,11 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
+from e2e_checks import FINAL, job_status  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "cluster" / "local_cluster.sh"
-FINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # Environment passed on to the nodes: none of this process's Ray settings leak into the cluster
 # except the ones chosen here. Ray Data's no-progress timeout is generous: on a shared, overloaded
 # 2-core machine starting one worker process took minutes and 120 s failed healthy jobs.
@@ -50,10 +52,6 @@ def tail_logs(state: str, n: int = 40) -> str:
     for f in sorted(Path(state, "logs").glob("*.log")):
         out.append(f"== {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-n:]))
     return "\n".join(out)
-
-
-def status(info) -> str:
-    return getattr(info.status, "value", str(info.status))
 
 
 class Cluster:
@@ -121,7 +119,7 @@ class Cluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = self.client.get_job_info(sid)
-            if status(info) in FINAL:
+            if job_status(info) in FINAL:
                 return info
             time.sleep(1)
         self.client.stop_job(sid)
@@ -131,7 +129,7 @@ class Cluster:
     def wait_ok(self, sid: str, timeout: float = 150):
         """Wait for the job; assert SUCCEEDED (with the driver's log tail otherwise)."""
         info = self.wait(sid, timeout)
-        assert status(info) == "SUCCEEDED", (info.message, self.client.get_job_logs(sid)[-6000:])
+        assert job_status(info) == "SUCCEEDED", (info.message, self.client.get_job_logs(sid)[-6000:])
         return info
 
 

@@ -76,9 +76,17 @@ def build_corpus_and_model(built: Path, rows: int, eval_rows: int = 8) -> None:
                         f"corpus={corpus}", "vocab_size=300", "max_position=256"]) == 0
 
 
+FINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def job_status(info) -> str:
+    """A Jobs API JobInfo's status as a plain string."""
+    return getattr(info.status, "value", str(info.status))
+
+
 def job_running(cluster, sid: str) -> None:
     """Fail at once (with the driver's log) if the job ended while a test waits on it."""
     info = cluster.client.get_job_info(sid)
-    if getattr(info.status, "value", str(info.status)) in {"SUCCEEDED", "FAILED", "STOPPED"}:
+    if job_status(info) in FINAL:
         raise AssertionError(f"job ended early: {info.status}\n"
                              f"{cluster.client.get_job_logs(sid)[-4000:]}")

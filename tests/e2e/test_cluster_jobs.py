@@ -26,7 +26,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from e2e_checks import (  # noqa: E402
-    build_corpus_and_model, check_select_output, check_store, job_running, metric_steps, n_ok, poll,
+    build_corpus_and_model, check_select_output, check_store, job_running, job_status, metric_steps, n_ok,
+    poll,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -37,10 +38,6 @@ ROWS = 600
 
 def build_inputs(built: Path) -> None:
     build_corpus_and_model(built, ROWS, eval_rows=16)
-
-
-def _status(info) -> str:
-    return getattr(info.status, "value", str(info.status))
 
 
 def sft_args(built: Path, out: str, *extra: str) -> list[str]:
@@ -75,7 +72,7 @@ def submitted(cluster, built) -> dict:
 def test_bad_config_fails_fast_and_writes_nothing(cluster, built, submitted):
     info = cluster.wait(submitted["bad"], timeout=120)
     logs = cluster.client.get_job_logs(submitted["bad"])
-    assert _status(info) == "FAILED", logs[-3000:]
+    assert job_status(info) == "FAILED", logs[-3000:]
     assert "exit code 2" in (info.message or ""), info.message     # the CLI's bad-config code
     assert "input.shard_rowz: unknown key" in logs
     # rejected before any work: no Ray connection, no output, no partial output
