@@ -28,14 +28,37 @@ class Strict(BaseModel):
 
 
 def _must_exist(p: str) -> str:
-    # Remote URIs (s3://, gs://, ...) are checked by the reader, not here.
-    if "://" not in p and not os.path.exists(p):
+    if "://" in p:
+        raise ValueError(f"{p}: needs a local or mounted path (object-store URIs are read for "
+                         "corpora only: input.path / data.path)")
+    if not os.path.exists(p):
         raise ValueError(f"path does not exist: {p}")
     return p
 
 
+def _local_output(p: str) -> str:
+    if "://" in p:
+        raise ValueError(f"{p}: outputs need a local or mounted path (they appear by an atomic "
+                         "rename, which object stores do not have); sync them to a bucket afterwards")
+    return p
+
+
+def _input_exists(p: str) -> str:
+    from effsft.storage import check_exists
+
+    check_exists(p)  # a typo'd bucket or key fails here, in the driver, within seconds
+    return p
+
+
 ExistingPath = Annotated[str, AfterValidator(_must_exist)]
-"""A path that must exist when the config is loaded (local paths only)."""
+"""A local (or mounted) path that must exist when the config is loaded: models, eval splits."""
+
+OutputPath = Annotated[str, AfterValidator(_local_output)]
+"""Where a job writes: a local or mounted path (POSIX rename), never a URI."""
+
+InputPath = Annotated[str, AfterValidator(_input_exists)]
+"""A corpus location that must exist when the config is loaded: a local path, or a pyarrow
+filesystem URI (``s3://``, ``gs://``, ``hdfs://`` ...; see :mod:`effsft.storage`)."""
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -141,9 +164,10 @@ class ModelSpec(Strict):
 
 
 class CorpusSpec(Strict):
-    """A corpus: JSONL/Parquet/Arrow file, a directory of shards, or an HF save_to_disk dir."""
+    """A corpus: JSONL/Parquet/Arrow file, a directory of shards, or an HF save_to_disk dir,
+    on a local/mounted path or behind a URI (``s3://bucket/corpus``)."""
 
-    path: ExistingPath
+    path: InputPath
     split: str = "train"
     max_row_bytes: int = Field(1 << 20, gt=0)
     id_field: str = "id"

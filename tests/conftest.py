@@ -13,6 +13,12 @@ os.environ.setdefault("RAY_memory_usage_threshold", "0.98")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Dummy credentials for the loopback S3 server of test_corpus_readers.py, set before Ray starts
+# so that every Ray worker has them (as every node of a cluster has its own); no instance
+# metadata lookups.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "effsft-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "effsft-test")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
 @pytest.fixture(scope="session")

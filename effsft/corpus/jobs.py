@@ -6,7 +6,7 @@ from typing import Optional
 
 from pydantic import Field, model_validator
 
-from effsft.config import CorpusSpec, Strict, to_dict
+from effsft.config import CorpusSpec, OutputPath, Strict, to_dict
 from effsft.runtime import OutputDir, init_ray, timed
 
 log = logging.getLogger("effsft.corpus")
@@ -15,7 +15,7 @@ log = logging.getLogger("effsft.corpus")
 class SynthConfig(Strict):
     """``effsft synth``: a synthetic instruction corpus with labelled noise (see synth.py)."""
 
-    output: str
+    output: OutputPath
     rows: int = Field(20_000, gt=0)
     noise: float = Field(0.1, ge=0, le=1)
     dup: float = Field(0.05, ge=0, le=1)
@@ -64,7 +64,7 @@ class PrepareConfig(Strict):
     """``effsft prepare``: normalise any corpus into canonical shards + rejects."""
 
     input: CorpusSpec
-    output: str
+    output: OutputPath
     overwrite: bool = False
     num_cpus: float = Field(0.5, gt=0)
 

@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from effsft.corpus.schema import RAW_SCHEMA
+from effsft.storage import StoragePathError, display_path, exists, list_files, locate
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd", ".jsonl.bz2", ".json", ".json.gz", ".ndjson",
             ".parquet", ".arrow")
 BLOCK_ROWS = 8192
 
 
-class CorpusPathError(ValueError):
-    pass
+class CorpusPathError(StoragePathError):
+    """A corpus path that does not exist or holds no corpus files."""
 
 
 def _kind(path: str) -> str:
@@ -33,34 +34,47 @@ def _kind(path: str) -> str:
     return "jsonl"
 
 
-def resolve_files(path: str | os.PathLike, split: str = "train") -> list[str]:
-    """Input path -> sorted list of data files.
+def _read_json(fs: pafs.FileSystem, path: str):
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
+def resolve_corpus(path: str | os.PathLike, split: str = "train") -> tuple[pafs.FileSystem, list[str]]:
+    """Input path (local or URI) -> (filesystem, sorted data files inside it).
 
     A file is taken as is. A directory is an HF ``save_to_disk`` dataset (``state.json``), a
     ``DatasetDict`` (``dataset_dict.json``: the ``split`` sub-folder), or a directory of
     shards (every supported file below it; hidden and ``_``-prefixed names skipped).
     """
-    p = Path(path)
-    if not p.exists():
-        raise CorpusPathError(f"input path does not exist: {p}")
-    if p.is_file():
-        return [str(p.resolve())]
-    if (p / "dataset_dict.json").exists():
-        splits = json.loads((p / "dataset_dict.json").read_text()).get("splits", [])
+    fs, root = locate(path)
+    return fs, _resolve_in(fs, root, split, str(path))
+
+
+def _resolve_in(fs: pafs.FileSystem, p: str, split: str, shown: str) -> list[str]:
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.NotFound:
+        raise CorpusPathError(f"input path does not exist: {shown}")
+    if info.type == pafs.FileType.File:
+        return [p]
+    if exists(fs, f"{p}/dataset_dict.json"):
+        splits = _read_json(fs, f"{p}/dataset_dict.json").get("splits", [])
         if split not in splits:
-            raise CorpusPathError(f"{p}: split {split!r} not in {splits}")
-        return resolve_files(p / split, split)
-    if (p / "state.json").exists():
-        state = json.loads((p / "state.json").read_text())
-        files = [str((p / f["filename"]).resolve()) for f in state.get("_data_files", [])]
+            raise CorpusPathError(f"{shown}: split {split!r} not in {splits}")
+        return _resolve_in(fs, f"{p}/{split}", split, f"{shown}/{split}")
+    if exists(fs, f"{p}/state.json"):
+        files = [f"{p}/{f['filename']}" for f in _read_json(fs, f"{p}/state.json").get("_data_files", [])]
         if files:
             return files
-    files = sorted(str(f.resolve()) for f in p.rglob("*") if f.is_file()
-                   and f.name.lower().endswith(SUFFIXES)
-                   and not any(part.startswith((".", "_")) for part in f.relative_to(p).parts))
+    files = [f for f in list_files(fs, p) if f.lower().endswith(SUFFIXES)]
     if not files:
-        raise CorpusPathError(f"no corpus files ({', '.join(SUFFIXES)}) under {p}")
+        raise CorpusPathError(f"no corpus files ({', '.join(SUFFIXES)}) under {shown}")
     return files
+
+
+def resolve_files(path: str | os.PathLike, split: str = "train") -> list[str]:
+    """Like :func:`resolve_corpus`, as names: local paths, or ``scheme://`` URIs for remote files."""
+    fs, files = resolve_corpus(path, split)
+    return [display_path(fs, f) for f in files]
 
 
 def compression_of(path: str) -> str | None:
@@ -89,7 +103,7 @@ def iter_raw_jsonl(f, path: str) -> Iterator[pa.Table]:
         data = head + f.read()
         try:
             rows = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             yield _raw_block([data[:1 << 20]], path, 0)  # the whole file is one bad row
             return
         for i in range(0, len(rows), BLOCK_ROWS):
@@ -143,18 +157,23 @@ def iter_raw_arrow(f, path: str) -> Iterator[pa.Table]:
     yield from _iter_table_batches(reader, path)
 
 
-def iter_raw_file(path: str) -> Iterator[pa.Table]:
-    """Plain-Python reader of one file (used by tests and by the Ray datasource)."""
-    import pyarrow.fs as pafs
+def _open(fs: pafs.FileSystem, path: str):
+    if _kind(path) == "jsonl":  # streamed, decompressed on the fly
+        return fs.open_input_stream(path, compression=compression_of(path), buffer_size=1 << 20)
+    return fs.open_input_file(path)  # Parquet / Arrow: random access
 
-    fs = pafs.LocalFileSystem()
+
+def _read_opened(f, path: str, name: str) -> Iterator[pa.Table]:
     kind = _kind(path)
-    if kind == "jsonl":
-        with fs.open_input_stream(path, compression=compression_of(path)) as f:
-            yield from iter_raw_jsonl(f, path)
-    else:
-        with fs.open_input_file(path) as f:
-            yield from (iter_raw_parquet if kind == "parquet" else iter_raw_arrow)(f, path)
+    reader = {"jsonl": iter_raw_jsonl, "parquet": iter_raw_parquet, "arrow": iter_raw_arrow}[kind]
+    yield from reader(f, name)
+
+
+def iter_raw_file(path: str) -> Iterator[pa.Table]:
+    """Plain-Python reader of one file, local or URI (used by tests and tools)."""
+    fs, inner = locate(path)
+    with _open(fs, inner) as f:
+        yield from _read_opened(f, inner, display_path(fs, inner))
 
 
 def _datasource_cls():
@@ -163,28 +182,24 @@ def _datasource_cls():
     class CorpusDatasource(FileBasedDatasource):
         """Reads any supported corpus file into RAW_SCHEMA blocks, streaming per file."""
 
+        def __init__(self, paths: list[str], filesystem: pafs.FileSystem, **kw):
+            super().__init__(paths, filesystem=filesystem, **kw)
+            self._fs = filesystem
+
         def _open_input_source(self, filesystem, path, **open_args):
-            if _kind(path) in ("parquet", "arrow"):  # random access
-                return filesystem.open_input_file(path)
-            return filesystem.open_input_stream(path, compression=compression_of(path),
-                                                buffer_size=1 << 20)
+            return _open(filesystem, path)
 
         def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-            kind = _kind(path)
-            if kind == "jsonl":
-                yield from iter_raw_jsonl(f, path)
-            elif kind == "parquet":
-                yield from iter_raw_parquet(f, path)
-            else:
-                yield from iter_raw_arrow(f, path)
+            yield from _read_opened(f, path, display_path(self._fs, path))
 
     return CorpusDatasource
 
 
 def read_raw(path: str | os.PathLike, split: str = "train", num_cpus: float = 0.5):
-    """A Ray Dataset of RAW_SCHEMA rows for every row of every file under ``path``."""
+    """A Ray Dataset of RAW_SCHEMA rows for every row of every file under ``path`` (a local
+    path or a pyarrow filesystem URI: the files are read on the Ray workers, never the driver)."""
     import ray.data
 
-    files = resolve_files(path, split)
-    return ray.data.read_datasource(_datasource_cls()(files), num_cpus=num_cpus,
+    fs, files = resolve_corpus(path, split)
+    return ray.data.read_datasource(_datasource_cls()(files, fs), num_cpus=num_cpus,
                                     override_num_blocks=max(1, len(files)))

@@ -10,7 +10,7 @@ from typing import Optional
 
 from pydantic import Field, model_validator
 
-from effsft.config import CorpusSpec, ExistingPath, ModelSpec, Strict, to_dict
+from effsft.config import CorpusSpec, ExistingPath, ModelSpec, OutputPath, Strict, to_dict
 from effsft.corpus.prepare import first_good_rows
 from effsft.runtime import OutputDir, init_ray, timed
 
@@ -21,7 +21,7 @@ class EvalConfig(Strict):
     """``effsft eval``: at least one of ``data`` (perplexity) or ``eval_split`` (exact match)."""
 
     model: ModelSpec
-    output: str
+    output: OutputPath
     data: Optional[CorpusSpec] = None          # corpus for response perplexity
     eval_split: Optional[ExistingPath] = None  # rows with messages + answer (synth eval.parquet)
     limit: int = Field(2000, gt=0)             # rows used from each input

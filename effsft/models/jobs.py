@@ -5,12 +5,12 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from effsft.config import ExistingPath, Strict, to_dict
+from effsft.config import ExistingPath, OutputPath, Strict, to_dict
 from effsft.runtime import OutputDir
 
 
 class TinyModelConfig(Strict):
-    output: str
+    output: OutputPath
     family: Literal["llama", "qwen2"] = "llama"
     corpus: ExistingPath                       # synthetic/canonical corpus to train the BPE on
     size: Literal["tiny", "small", "base"] = "tiny"

@@ -29,7 +29,7 @@ from typing import Literal, Optional
 from pydantic import BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 from typing_extensions import Annotated
 
-from effsft.config import ConfigError, CorpusSpec, ModelSpec, Strict, to_dict
+from effsft.config import ConfigError, CorpusSpec, ModelSpec, OutputPath, Strict, to_dict
 from effsft.runtime import OutputDir, atomic_write_json, init_ray, timed
 
 log = logging.getLogger("effsft.prune")
@@ -128,7 +128,7 @@ class PruneConfig(Strict):
     """``effsft prune``: one pruning run, or a sweep of runs with a comparison table."""
 
     model: ModelSpec
-    output: str
+    output: OutputPath
     prune: PruneSection
     sweep: Optional[SweepSpec] = None
     save_model: bool = True                   # single run: write the pruned model/

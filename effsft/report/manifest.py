@@ -12,7 +12,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
+import pyarrow.fs as pafs
+
 from effsft.runtime import atomic_write_json
+from effsft.storage import list_files, locate
 
 _PACKAGES = ("effsft", "torch", "transformers", "ray", "deepspeed", "datasets", "pyarrow",
              "numpy", "faiss-cpu", "faiss-gpu", "tokenizers", "peft", "pydantic")
@@ -38,34 +41,32 @@ def git_sha() -> str | None:
         return None
 
 
-def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
+def _file_digest(fs: pafs.FileSystem, path: str, chunk: int = 1 << 20) -> str:
     h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
+    with fs.open_input_stream(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
 
 
-def list_files(root: str | os.PathLike) -> list[Path]:
-    """Every regular file under ``root`` (or ``root`` itself), sorted, hidden files skipped."""
-    root = Path(root)
-    if root.is_file():
-        return [root]
-    return sorted(p for p in root.rglob("*") if p.is_file()
-                  and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts))
-
-
 def fingerprint(paths: str | os.PathLike | Iterable[str | os.PathLike], options: Any = None) -> str:
-    """Hash of (relative path, size, BLAKE2b of content) of every input file, plus reader
-    options: one changed byte anywhere changes it."""
+    """Hash of (relative path, size, content) of every input file, plus reader options.
+
+    Local files are hashed in full (BLAKE2b): one changed byte anywhere changes it. Files
+    behind a URI (``s3://``, ``gs://`` ...) count by size and modification time, so that a
+    fingerprint does not download the corpus a second time.
+    """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     h = hashlib.blake2b(digest_size=16)
     for root in paths:
-        root = Path(root)
-        for f in list_files(root):
-            rel = f.name if root.is_file() else str(f.relative_to(root))
-            h.update(f"{rel}\0{f.stat().st_size}\0{_file_digest(f)}\n".encode())
+        fs, inner = locate(root)
+        files = list_files(fs, inner)
+        for f in files:
+            rel = f.rsplit("/", 1)[-1] if files == [inner] else f[len(inner):].lstrip("/")
+            info = fs.get_file_info(f)
+            content = _file_digest(fs, f) if fs.type_name == "local" else info.mtime_ns
+            h.update(f"{rel}\0{info.size}\0{content}\n".encode())
     h.update(repr(options).encode())
     return h.hexdigest()
 

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
-from effsft.config import CorpusSpec, ExistingPath, ModelSpec, Strict, to_dict
+from effsft.config import CorpusSpec, ExistingPath, ModelSpec, OutputPath, Strict, to_dict
 from effsft.runtime import OutputDir, init_ray, timed
 
 log = logging.getLogger("effsft.select")
@@ -127,12 +127,12 @@ class SelectConfig(Strict):
     """``effsft select``: choose ``budget`` rows of ``input`` with ``method``."""
 
     input: CorpusSpec
-    output: str
+    output: OutputPath
     method: str
     budget: float = Field(gt=0)          # a row count (>= 1) or a fraction of the good rows (< 1)
     seed: int = 0
     model: Optional[ModelSpec] = None    # tokenizer / scoring LM
-    cache_dir: Optional[str] = None      # default: <output's parent>/_effsft_cache
+    cache_dir: Optional[OutputPath] = None      # default: <output's parent>/_effsft_cache
     direction: Optional[Literal["descending", "ascending"]] = None
     stratify_by: str = "task"            # meta key for random_stratified
     scorer: ScorerSection = ScorerSection()

@@ -8,7 +8,7 @@ from typing import List, Literal, Optional
 
 from pydantic import Field
 
-from effsft.config import ModelSpec, Strict
+from effsft.config import ModelSpec, OutputPath, Strict
 
 
 class TrainSpec(Strict):
@@ -76,7 +76,7 @@ class TrainJobConfig(Strict):
     """The sections every training job (``sft``, ``grpo``) shares; each job adds its own."""
 
     model: ModelSpec
-    output: str
+    output: OutputPath
     train: TrainSpec = TrainSpec()
     fault: FaultSpec = FaultSpec()
     overwrite: bool = False

@@ -8,7 +8,6 @@ fit ``tokenize.max_len``), ``no_response`` (no token carries a label).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -64,15 +63,22 @@ def source_dataset(path: str, normalize_options, split: str = "train"):
     (``effsft select``: ``selected.parquet``) is read directly; anything else goes through
     the normalising readers (bad rows carry ``reject_reason``).
     """
+    import fnmatch
+
+    import pyarrow.fs as pafs
     import ray.data
 
-    from effsft.corpus.prepare import normalised_dataset, read_prepared, shard_paths
+    from effsft.corpus.prepare import SHARD_GLOB, normalised_dataset
+    from effsft.storage import list_files, locate
 
-    p = Path(path)
-    if p.is_dir() and shard_paths(p):
-        return read_prepared(p)
-    if p.is_dir() and (p / "selected.parquet").is_file():
-        return ray.data.read_parquet(str(p / "selected.parquet"))
+    fs, root = locate(path)  # a local path or a URI (s3://, gs://, ...)
+    if fs.get_file_info(f"{root}/data").type == pafs.FileType.Directory:
+        shards = [f for f in list_files(fs, f"{root}/data")
+                  if fnmatch.fnmatch(f.rsplit("/", 1)[-1], SHARD_GLOB)]
+        if shards:
+            return ray.data.read_parquet(shards, filesystem=fs)
+    if fs.get_file_info(f"{root}/selected.parquet").type == pafs.FileType.File:
+        return ray.data.read_parquet([f"{root}/selected.parquet"], filesystem=fs)
     return normalised_dataset(str(path), normalize_options, split=split)
 
 

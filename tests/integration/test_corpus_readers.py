@@ -25,11 +25,12 @@ def _write_jsonl(path, rows, gz=False):
     path.write_bytes(gzip.compress(data) if gz else data)
 
 
-def test_all_input_forms_agree(tmp_path):
-    from datasets import Dataset
+def write_input_forms(tmp_path):
+    """GOOD in every supported form: (name, path) pairs."""
+    from datasets import Dataset, DatasetDict
 
     src = tmp_path / "src"
-    src.mkdir()
+    src.mkdir(parents=True)
     _write_jsonl(src / "a.jsonl", GOOD)
     _write_jsonl(src / "a.jsonl.gz", GOOD, gz=True)
     (src / "a.json").write_text(json.dumps(GOOD))
@@ -40,15 +41,17 @@ def test_all_input_forms_agree(tmp_path):
     pq.write_table(pa.Table.from_pylist(GOOD[10:]), shards / "part-1.parquet")
     with pa.CompressedOutputStream(str(src / "b.jsonl.zst"), "zstd") as f:
         f.write("".join(json.dumps(r) + "\n" for r in GOOD).encode())
-    from datasets import DatasetDict
-
     Dataset.from_list(GOOD).save_to_disk(str(tmp_path / "hf"))
     DatasetDict({"train": Dataset.from_list(GOOD), "test": Dataset.from_list(GOOD[:3])}).save_to_disk(
         str(tmp_path / "hfdict"))
+    return [("jsonl", src / "a.jsonl"), ("gz", src / "a.jsonl.gz"), ("json", src / "a.json"),
+            ("parquet", src / "a.parquet"), ("zst", src / "b.jsonl.zst"),
+            ("dir", shards), ("hf", tmp_path / "hf"), ("hfdict", tmp_path / "hfdict")]
+
+
+def test_all_input_forms_agree(tmp_path):
     results = {}
-    for name, path in [("jsonl", src / "a.jsonl"), ("gz", src / "a.jsonl.gz"), ("json", src / "a.json"),
-                       ("parquet", src / "a.parquet"), ("zst", src / "b.jsonl.zst"),
-                       ("dir", shards), ("hf", tmp_path / "hf"), ("hfdict", tmp_path / "hfdict")]:
+    for name, path in write_input_forms(tmp_path):
         counts = prepare_corpus(str(path), tmp_path / f"out-{name}", shard_rows=7)
         assert (counts.rows_in, counts.rows_ok, counts.rows_rejected) == (30, 30, 0), name
         results[name] = _canon(tmp_path / f"out-{name}")
@@ -107,3 +110,108 @@ def test_accounting_check_fails_loudly():
     c = CorpusCounts(rows_in=10, rows_ok=5, rows_rejected=4, rejected_by_reason={"x": 4})
     with pytest.raises(AccountingError):
         c.check()
+
+
+# ---- the same inputs behind s3:// (a local S3 server, moto, on 127.0.0.1) -----------------------
+
+@pytest.fixture(scope="module")
+def s3_query():
+    """Start an S3 server on loopback; yield the URI query string that points pyarrow at it.
+    Credentials are the session's dummy AWS_* variables (tests/conftest.py), which every Ray
+    worker inherits, as each node of a real cluster has its own."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the moto S3 server did not start")
+                time.sleep(0.2)
+        yield f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _upload(local, query: str, bucket: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{bucket}?{query}&allow_bucket_creation=true")
+    fs.create_dir(bucket)
+    pafs.copy_files(str(local), f"{bucket}/in", destination_filesystem=fs)
+
+
+def test_every_input_form_reads_the_same_from_s3(tmp_path, s3_query):
+    from effsft.corpus.readers import resolve_files
+
+    forms = write_input_forms(tmp_path / "local")
+    _upload(tmp_path / "local", s3_query, "forms")
+    for name, path in forms:
+        rel = path.relative_to(tmp_path / "local").as_posix()
+        uri = f"s3://forms/in/{rel}?{s3_query}"
+        local_files = resolve_files(path)
+        assert resolve_files(uri) == [f"s3://forms/in/{f[len(str(tmp_path / 'local')) + 1:]}"
+                                      for f in local_files], name
+        counts = prepare_corpus(uri, tmp_path / f"s3-{name}", shard_rows=7)
+        want = prepare_corpus(str(path), tmp_path / f"local-{name}", shard_rows=7)
+        assert counts.as_dict() == want.as_dict(), name
+        assert _canon(tmp_path / f"s3-{name}") == _canon(tmp_path / f"local-{name}"), name
+
+
+def test_s3_corpus_rejects_fingerprint_config_and_train_source(synth_corpus, tmp_path, s3_query):
+    import pyarrow.fs as pafs
+
+    from effsft.config import ConfigError, build_config
+    from effsft.corpus.jobs import PrepareConfig, run_prepare
+    from effsft.report.manifest import fingerprint
+    from effsft.train.data import source_dataset
+
+    _upload(synth_corpus / "train", s3_query, "corpus")
+    uri = f"s3://corpus/in?{s3_query}"
+    cfg = build_config(PrepareConfig, {"input": {"path": uri, "shard_rows": 500},
+                                       "output": str(tmp_path / "prepared")})
+    res = run_prepare(cfg)
+    want = prepare_corpus(str(synth_corpus / "train"), tmp_path / "local", shard_rows=500)
+    assert res["rows_in"] == want.rows_in == 2000 and res["rows_rejected"] == want.rows_rejected > 0
+    assert _canon(tmp_path / "prepared") == _canon(tmp_path / "local")
+    rej = pq.read_table(tmp_path / "prepared" / "rejects.parquet").to_pylist()
+    garbage = [r for r in rej if r["reason"] != "duplicate_id"]
+    assert garbage and all(r["src_file"].startswith("s3://corpus/in/") and "?" not in r["src_file"]
+                           for r in garbage)
+    # Fingerprints: stable, and a rewritten object changes them (size + mtime, not a re-download).
+    fp = fingerprint(uri)
+    assert fp == fingerprint(uri) != fingerprint(str(synth_corpus / "train"))
+    fs, inner = pafs.FileSystem.from_uri(uri)
+    extra = f"{inner}/extra.jsonl"
+    with fs.open_output_stream(extra) as f:
+        f.write(json.dumps(GOOD[0]).encode() + b"\n")
+    assert fingerprint(uri) != fp
+    fs.delete_file(extra)
+    # A key that does not exist fails at config load, naming the key.
+    with pytest.raises(ConfigError, match=r"input\.path.*does not exist"):
+        build_config(PrepareConfig, {"input": {"path": f"s3://corpus/nope?{s3_query}"},
+                                     "output": str(tmp_path / "x")})
+    # Models stay local: a URI there is refused with the reason.
+    from effsft.config import ModelSpec
+
+    with pytest.raises(ConfigError, match="local or mounted path"):
+        build_config(ModelSpec, {"path": f"s3://corpus/model?{s3_query}"})
+    with pytest.raises(ConfigError, match=r"output: .*atomic rename"):
+        build_config(PrepareConfig, {"input": {"path": uri}, "output": "s3://corpus/out"})
+    # A prepared corpus uploaded to S3 is a training source read as is (its canonical shards).
+    _upload(tmp_path / "prepared", s3_query, "prepared")
+    ds = source_dataset(f"s3://prepared/in?{s3_query}", cfg.input.normalize_options())
+    assert ds.count() == res["rows_ok"] and "reject_reason" not in ds.schema().names

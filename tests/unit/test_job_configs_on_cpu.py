@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel
 
 from effsft.cli import JOBS
-from effsft.config import ConfigError, _must_exist, build_config, load_yaml
+from effsft.config import ConfigError, _input_exists, _must_exist, build_config, load_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB_DIR = ROOT / "jobs"
@@ -38,7 +38,7 @@ def _is_model(ann) -> bool:
 
 def _walk(ann, metadata, key: tuple):
     """Dotted keys (tuples) below one annotation whose value must be an existing path."""
-    if any(getattr(m, "func", None) is _must_exist for m in metadata):
+    if any(getattr(m, "func", None) in (_must_exist, _input_exists) for m in metadata):
         yield key
     elif typing.get_origin(ann) is typing.Annotated:
         inner, *meta = typing.get_args(ann)
