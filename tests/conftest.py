@@ -88,3 +88,49 @@ def single_process_group():
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """Start an S3 server on loopback; yield an :class:`S3Server` handle on it.
+    Credentials are the session's dummy AWS_* variables (above), which every Ray worker
+    and e2e cluster node inherits, as each node of a real cluster has its own."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the moto S3 server did not start")
+                time.sleep(0.2)
+        yield S3Server(f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+class S3Server:
+    def __init__(self, query: str):
+        self.query = query  # the URI query string that points pyarrow at the server
+
+    def upload(self, local, bucket: str) -> str:
+        """Copy a local file or tree to ``s3://<bucket>/in``; return that URI (with the query)."""
+        import pyarrow.fs as pafs
+
+        fs, _ = pafs.FileSystem.from_uri(f"s3://{bucket}?{self.query}&allow_bucket_creation=true")
+        fs.create_dir(bucket)
+        pafs.copy_files(str(local), f"{bucket}/in", destination_filesystem=fs)
+        return f"s3://{bucket}/in?{self.query}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -111,7 +112,8 @@ class Cluster:
     # ---- Jobs API --------------------------------------------------------------------------
     def submit(self, args: list[str], **kw) -> str:
         # `python` as a user writes it: the nodes put the cluster's interpreter first on PATH.
-        entry = " ".join(["python", "-m", "effsft", *args])
+        # Quoted as a shell user would (an s3:// URI's query string holds `&`).
+        entry = shlex.join(["python", "-m", "effsft", *args])
         return self.client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(ROOT)},
                                       **kw)
 

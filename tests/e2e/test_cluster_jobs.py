@@ -3,7 +3,8 @@ with 2 logical CPUs, worker node w1 with 3), as `ray job submit` sends them.
 
 All jobs go in at once (they share the cluster, as users' jobs do); each test waits for its own:
 
-* prepare: its driver is pinned to w1 through w1's custom resource;
+* prepare: its driver is pinned to w1 through w1's custom resource; the corpus is read in
+  place from an S3 bucket (a loopback S3 server, tests/conftest.py);
 * eval: the driver stays on the head, its model task asks for 3 CPUs (only w1 has them);
 * a bad config: FAILED fast with the key named, nothing written, Ray never contacted;
 * select (length): Ray Data's scorer actors and read tasks run on both nodes; accounting,
@@ -22,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -49,10 +51,12 @@ def sft_args(built: Path, out: str, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def submitted(cluster, built) -> dict:
+def submitted(cluster, built, s3_server) -> dict:
     corpus = built / "corpus"
     return {
-        "prepare": cluster.submit(["prepare", "jobs/prepare.yaml", f"input.path={corpus / 'train'}",
+        # read in place from an S3 bucket (a loopback S3 server) by the workers of both nodes
+        "prepare": cluster.submit(["prepare", "jobs/prepare.yaml",
+                                   f"input.path={s3_server.upload(corpus / 'train', 'e2e')}",
                                    f"output={built / 'prepared'}", "input.shard_rows=250"],
                                   entrypoint_resources={"node_w1": 1}),
         "eval": cluster.submit(["eval", "jobs/eval.yaml", f"model.path={built / 'model'}",
@@ -92,6 +96,9 @@ def test_prepare_driver_on_worker_node(cluster, built, submitted):
     assert c["rows_in"] == ROWS and c["rows_in"] == c["rows_ok"] + c["rows_rejected"]
     assert c["rows_rejected"] > 0                      # the garbage rows
     assert m["ray"]["mode"] == "cluster"               # connected to the cluster, not embedded
+    assert m["inputs"]["corpus"]["path"].startswith("s3://e2e/in?")
+    rejects = pq.read_table(prepared / "rejects.parquet", columns=["src_file"]).column(0).to_pylist()
+    assert rejects and all(f.startswith("s3://e2e/in/") for f in rejects)
     assert len(list((prepared / "data").glob("*.parquet"))) >= 2   # shard_rows=250
 
 

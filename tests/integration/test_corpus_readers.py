@@ -112,56 +112,16 @@ def test_accounting_check_fails_loudly():
         c.check()
 
 
-# ---- the same inputs behind s3:// (a local S3 server, moto, on 127.0.0.1) -----------------------
+# ---- the same inputs behind s3:// (a loopback S3 server: tests/conftest.py) ----------------------
 
-@pytest.fixture(scope="module")
-def s3_query():
-    """Start an S3 server on loopback; yield the URI query string that points pyarrow at it.
-    Credentials are the session's dummy AWS_* variables (tests/conftest.py), which every Ray
-    worker inherits, as each node of a real cluster has its own."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("the moto S3 server did not start")
-                time.sleep(0.2)
-        yield f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def _upload(local, query: str, bucket: str) -> None:
-    import pyarrow.fs as pafs
-
-    fs, _ = pafs.FileSystem.from_uri(f"s3://{bucket}?{query}&allow_bucket_creation=true")
-    fs.create_dir(bucket)
-    pafs.copy_files(str(local), f"{bucket}/in", destination_filesystem=fs)
-
-
-def test_every_input_form_reads_the_same_from_s3(tmp_path, s3_query):
+def test_every_input_form_reads_the_same_from_s3(tmp_path, s3_server):
     from effsft.corpus.readers import resolve_files
 
     forms = write_input_forms(tmp_path / "local")
-    _upload(tmp_path / "local", s3_query, "forms")
+    s3_server.upload(tmp_path / "local", "forms")
     for name, path in forms:
         rel = path.relative_to(tmp_path / "local").as_posix()
-        uri = f"s3://forms/in/{rel}?{s3_query}"
+        uri = f"s3://forms/in/{rel}?{s3_server.query}"
         local_files = resolve_files(path)
         assert resolve_files(uri) == [f"s3://forms/in/{f[len(str(tmp_path / 'local')) + 1:]}"
                                       for f in local_files], name
@@ -171,7 +131,7 @@ def test_every_input_form_reads_the_same_from_s3(tmp_path, s3_query):
         assert _canon(tmp_path / f"s3-{name}") == _canon(tmp_path / f"local-{name}"), name
 
 
-def test_s3_corpus_rejects_fingerprint_config_and_train_source(synth_corpus, tmp_path, s3_query):
+def test_s3_corpus_rejects_fingerprint_config_and_train_source(synth_corpus, tmp_path, s3_server):
     import pyarrow.fs as pafs
 
     from effsft.config import ConfigError, build_config
@@ -179,8 +139,7 @@ def test_s3_corpus_rejects_fingerprint_config_and_train_source(synth_corpus, tmp
     from effsft.report.manifest import fingerprint
     from effsft.train.data import source_dataset
 
-    _upload(synth_corpus / "train", s3_query, "corpus")
-    uri = f"s3://corpus/in?{s3_query}"
+    uri = s3_server.upload(synth_corpus / "train", "corpus")
     cfg = build_config(PrepareConfig, {"input": {"path": uri, "shard_rows": 500},
                                        "output": str(tmp_path / "prepared")})
     res = run_prepare(cfg)
@@ -202,16 +161,15 @@ def test_s3_corpus_rejects_fingerprint_config_and_train_source(synth_corpus, tmp
     fs.delete_file(extra)
     # A key that does not exist fails at config load, naming the key.
     with pytest.raises(ConfigError, match=r"input\.path.*does not exist"):
-        build_config(PrepareConfig, {"input": {"path": f"s3://corpus/nope?{s3_query}"},
+        build_config(PrepareConfig, {"input": {"path": f"s3://corpus/nope?{s3_server.query}"},
                                      "output": str(tmp_path / "x")})
     # Models stay local: a URI there is refused with the reason.
     from effsft.config import ModelSpec
 
     with pytest.raises(ConfigError, match="local or mounted path"):
-        build_config(ModelSpec, {"path": f"s3://corpus/model?{s3_query}"})
+        build_config(ModelSpec, {"path": f"s3://corpus/model?{s3_server.query}"})
     with pytest.raises(ConfigError, match=r"output: .*atomic rename"):
         build_config(PrepareConfig, {"input": {"path": uri}, "output": "s3://corpus/out"})
     # A prepared corpus uploaded to S3 is a training source read as is (its canonical shards).
-    _upload(tmp_path / "prepared", s3_query, "prepared")
-    ds = source_dataset(f"s3://prepared/in?{s3_query}", cfg.input.normalize_options())
+    ds = source_dataset(s3_server.upload(tmp_path / "prepared", "prepared"), cfg.input.normalize_options())
     assert ds.count() == res["rows_ok"] and "reject_reason" not in ds.schema().names
