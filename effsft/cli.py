@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 import sys
 import traceback
 from dataclasses import dataclass, field

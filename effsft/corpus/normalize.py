@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from effsft.corpus.schema import NORMALISED_SCHEMA, ROLES
+from effsft.corpus.schema import NORMALISED_SCHEMA
 
 # ShareGPT speaker names seen in the wild -> canonical role.
 SHAREGPT_ROLES = {

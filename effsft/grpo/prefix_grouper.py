@@ -232,7 +232,6 @@ def grouped_attention(query, key, value, plan: GroupPlan, scaling: float, math_i
         ``[B, S, Hq, d]``; padded packed positions are 0.
     """
     B, Hq, S, d = query.shape
-    Hkv = key.shape[1]
     max_lp = plan.prefix_valid.shape[1]
     N, max_lr = plan.suffix_valid.shape
 

@@ -1,7 +1,7 @@
 """Recipe ``effsft tiny-model``: a tiny Llama/Qwen2 model + offline tokenizer as an HF dir."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field
 

@@ -16,10 +16,7 @@ def plot_block_sparsity(report: dict, path: str | Path, title: str | None = None
     Returns:
         The written path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: no display on workers
-    import matplotlib.pyplot as plt
+    from effsft.report.plots import plt, save  # pyplot on the headless Agg backend
 
     blocks = report["blocks"]
     idx = [b["index"] for b in blocks]
@@ -41,12 +38,7 @@ def plot_block_sparsity(report: dict, path: str | Path, title: str | None = None
     ax.set_ylim(0, 1)
     ax.set_title(title or f"{eff.get('method', '')} / {crit}, s = {s:g}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return Path(save(fig, path, dpi=120))
 
 
 def plot_sweep(rows: list[dict], path: str | Path, ppl_dense: float | None = None) -> Path:
@@ -60,10 +52,7 @@ def plot_sweep(rows: list[dict], path: str | Path, ppl_dense: float | None = Non
     Returns:
         The written path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from effsft.report.plots import plt, save
 
     import re
 
@@ -82,9 +71,4 @@ def plot_sweep(rows: list[dict], path: str | Path, ppl_dense: float | None = Non
     ax.set_ylabel("perplexity (log)")
     ax.set_title("pruned perplexity")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return Path(save(fig, path, dpi=120))

@@ -11,6 +11,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def save(fig, path: str | os.PathLike, dpi: int = 110) -> str:
+    """Lay out, write (creating the parent directory) and close a figure; return the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return str(path)
+
+
 def histogram(path: str | os.PathLike, series: dict[str, Sequence[float]], title: str,
               xlabel: str, bins: int = 50, log: bool = False) -> str:
     """Overlaid histograms of one or more named series (e.g. pool vs selected)."""
@@ -27,10 +36,7 @@ def histogram(path: str | os.PathLike, series: dict[str, Sequence[float]], title
     if log:
         ax.set_yscale("log")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save(fig, path)
 
 
 def bars(path: str | os.PathLike, labels: Sequence[str], values: dict[str, Sequence[float]],
@@ -46,10 +52,7 @@ def bars(path: str | os.PathLike, labels: Sequence[str], values: dict[str, Seque
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save(fig, path)
 
 
 def curve(path: str | os.PathLike, xs: Sequence[float], ys: dict[str, Sequence[float]],
@@ -61,10 +64,7 @@ def curve(path: str | os.PathLike, xs: Sequence[float], ys: dict[str, Sequence[f
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save(fig, path)
 
 
 def write_report(path: str | os.PathLike, title: str, sections: list[tuple[str, str]],

@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
-from effsft.config import CorpusSpec, ExistingPath, ModelSpec, OutputPath, Strict, to_dict
+from effsft.config import CorpusSpec, ModelSpec, OutputPath, Strict, to_dict
 from effsft.runtime import OutputDir, init_ray, timed
 
 log = logging.getLogger("effsft.select")
@@ -593,10 +593,7 @@ def make_plots(work: Path, cfg: SelectConfig, picks: np.ndarray, cols: dict, clu
 
 
 def _pca_plot(path: Path, emb: np.ndarray, picks: np.ndarray, seed: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from effsft.report.plots import plt, save  # pyplot on the headless Agg backend
 
     rng = np.random.default_rng(seed)
     sel = np.zeros(len(emb), bool)
@@ -611,9 +608,7 @@ def _pca_plot(path: Path, emb: np.ndarray, picks: np.ndarray, seed: int) -> None
     ax.scatter(xy[s, 0], xy[s, 1], s=4, c="#d62728", label="selected")
     ax.legend()
     ax.set_title("PCA of row embeddings")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 # ---------------------------------------------------------------------------------- recipe

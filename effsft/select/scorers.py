@@ -7,7 +7,6 @@ They hold no Ray code: ``effsft.select.pipeline`` runs them on actor pools.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np

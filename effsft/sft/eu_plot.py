@@ -9,11 +9,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # headless workers
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from effsft.report.plots import plt, save  # pyplot on the headless Agg backend
 
 DECISION_COLOURS = {
     "Q2": "tab:red",
@@ -71,7 +69,5 @@ def plot_eu_plane(info: dict, path: str | Path, title: str | None = None) -> Pat
     ax.set_ylabel("mean entropy (uncertainty)")
     ax.set_title(title or f"EU plane ({info.get('method', 'qtuning')}, B={len(ent)})")
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path, dpi=100)
     return path

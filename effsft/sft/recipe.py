@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator

@@ -63,7 +63,6 @@ def test_rewards_advantages_payloads_end_to_end():
     payloads of each rank carry exactly their groups' completions and advantages."""
     P, G = 4, 3
     prompts, comps = _groups(P, G)
-    texts = [f"x {i}" for i in range(P * G)]
     f1 = [1.0, 0.0, 1.0] + [0.0] * 3 + [1.0] * 3 + [0.0, 1.0, 0.0]
     f2 = [None] * 3 + [2.0, None, 0.0] + [0.0] * 6
     total, per = C.combine_per_func([C.rewards_column(f1, P * G), C.rewards_column(f2, P * G)], [1.0, 0.5])

@@ -30,8 +30,6 @@ def test_labels_and_rates():
 
 
 def test_garbage_rows_are_rejected_and_good_rows_accepted():
-    import pyarrow as pa
-
     for r in _rows(rows=500, garbage=0.2, seed=2):
         raw = json.dumps({"id": r["id"], "messages": r["messages"], "meta": r["meta"]}).encode()
         garbage = json.loads(r["meta"]).get("garbage", False)
