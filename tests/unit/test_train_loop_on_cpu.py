@@ -260,3 +260,10 @@ def test_jobs_sft_yaml_validates_and_qtuning_keys_are_the_spec(tmp_path):
         load_config(SFTConfig, root / "jobs" / "sft.yaml", paths + ["qtuning.sample_ratioo=0.1"])
     with pytest.raises(ConfigError, match="zero_stage=3"):
         load_config(SFTConfig, root / "jobs" / "sft.yaml", paths + ["lora.enabled=true", "train.zero_stage=3"])
+    # zero_stage auto (the YAML's): 0 on one worker, 2 on several; an explicit stage wins
+    one = load_config(SFTConfig, root / "jobs" / "sft.yaml", paths + ["train.num_workers=1"])
+    assert one.train.zero_stage == 0
+    assert load_config(SFTConfig, root / "jobs" / "sft.yaml",
+                       paths + ["train.num_workers=1", "train.zero_stage=2"]).train.zero_stage == 2
+    with pytest.raises(ConfigError, match="train.zero_stage"):
+        load_config(SFTConfig, root / "jobs" / "sft.yaml", paths + ["train.zero_stage=fast"])
