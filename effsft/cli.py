@@ -89,6 +89,22 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def job_usage(name: str) -> str:
+    """``effsft <job> --help``: the command line, the flag aliases and every config key."""
+    from effsft.config import config_reference
+
+    job = JOBS[name]
+    lines = [f"usage: effsft {name} [CONFIG.yaml] [key=value ...] [--key value ...]", "",
+             f"{name}: {job.help}", ""]
+    if job.aliases:
+        lines.append("flag aliases:")
+        lines += [f"  --{flag:<10} {key}" for flag, key in job.aliases.items()]
+        lines.append("")
+    lines.append("config keys (YAML or dotted key=value; --a.b value is a.b=value):")
+    lines += config_reference(_load(job.config))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     from effsft.runtime import setup_logging
 
@@ -101,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"effsft: unknown job {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     job = JOBS[name]
+    if any(a in ("-h", "--help") for a in rest):
+        print(job_usage(name))
+        return 0
     setup_logging()
     try:
         path, overrides = parse_job_args(rest, job.aliases)

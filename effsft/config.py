@@ -120,6 +120,66 @@ def build_config(cls: type[C], data: Mapping[str, Any]) -> C:
         raise ConfigError(f"invalid {cls.__name__}: {_format_errors(e)}") from None
 
 
+def _type_name(annotation: Any) -> str:
+    """``Optional[int]`` -> ``int | None``; ``Literal['a', 'b']`` -> ``'a' | 'b'``; classes by name."""
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        inner = ", ".join(_type_name(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _section_of(annotation: Any) -> type[BaseModel] | None:
+    """The config-section class behind ``Section`` or ``Optional[Section]``, else None."""
+    import typing
+
+    if typing.get_origin(annotation) in (list, tuple, dict):
+        return None
+    for c in (annotation, *typing.get_args(annotation)):
+        if isinstance(c, type) and issubclass(c, BaseModel):
+            return c
+    return None
+
+
+def config_reference(cls: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key of a config class with its type and default (``effsft <job> --help``)."""
+    import typing
+
+    lines = []
+    for name, info in cls.model_fields.items():
+        key = f"{prefix}{info.alias or name}"  # YAML spells aliases
+        section = _section_of(info.annotation)
+        if section is not None and not info.is_required() and info.default is None:
+            lines.append(f"  {key}: {section.__name__} | None = None")
+            lines += config_reference(section, f"{key}.")
+        elif section is not None:
+            lines += config_reference(section, f"{key}.")
+        else:
+            if info.is_required():
+                default = "(required)"
+            else:
+                value = info.get_default(call_default_factory=True)
+                if isinstance(value, list):
+                    value = [v.model_dump() if isinstance(v, BaseModel) else v for v in value]
+                default = f"= {value!r}"
+            lines.append(f"  {key}: {_type_name(info.annotation)} {default}")
+            item = _section_of(typing.get_args(info.annotation)[0]) if (
+                typing.get_origin(info.annotation) is list) else None
+            if item is not None:  # a list of sections: the keys of one item
+                lines += config_reference(item, f"{key}[].")
+    return lines
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():

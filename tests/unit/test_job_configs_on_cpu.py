@@ -182,3 +182,27 @@ def test_existing_path_walker_finds_nested_and_optional_keys():
                                                         ("eval_split",)}
     assert existing_path_keys(config_class("prepare")) == {("input", "path")}
     assert existing_path_keys(config_class("tiny-model")) == {("corpus",)}
+
+
+def _leaf_keys(data: dict, prefix: str = ""):
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            yield from _leaf_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_job_help_lists_every_key(job, capsys):
+    """``effsft <job> --help`` exits 0 and names every key the shipped YAML writes out."""
+    from effsft.cli import main
+
+    assert main([job, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: effsft {job} ")
+    listed = {line.split(":", 1)[0].strip() for line in out.splitlines() if line.startswith("  ")}
+    # a mapping- or list-valued key (synth's task_mix, grpo's reward_funcs) is listed by its name
+    missing = [k for k in _leaf_keys(load_yaml(yaml_for(job)))
+               if not any(k == key or k.startswith(f"{key}.") for key in listed)]
+    assert not missing, f"effsft {job} --help does not list {missing}"
+    assert main([job, "-h", "budget=3"]) == 0  # -h wins over anything else on the line
