@@ -17,7 +17,8 @@ How it plugs into transformers (no forked model code):
 * :func:`completion_logprobs` switches the model to the grouped name only for the duration of the
   call (context manager :func:`grouped_attention_mode`) and restores the original implementation.
 
-Tested with transformers 5.23 (Llama, Qwen2, Qwen3, Mistral); the supported range is pinned to
+Tested with transformers 5.23 (Llama, Qwen2, Qwen3, Mistral; also Gemma, OLMo2, Phi3, Qwen3-MoE, and
+FlexAttention-mode models without grad on CPU); the supported range is pinned to
 ``>=5.0,<6`` because the Attention/Mask interfaces and the mask-builder call signature are v5 API.
 """
 

@@ -29,6 +29,12 @@ def make_model(family="llama", impl="sdpa", dtype=torch.float32, seed=0, **overr
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),  # q/k/v bias
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 8}),  # q/k norm
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
+        # beyond the issue's four: the same registration, no per-family code
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, {"head_dim": 8}),
+        "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, {}),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {"pad_token_id": 0}),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
+                      {"head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
     }[family]
     cfg = cls[0](**{**common, **cls[2], **overrides})
     model = cls[1](cfg).to(dtype)
@@ -102,6 +108,31 @@ def test_grouped_equals_repeated(family, impl):
         assert _max_diff(grouped, repeated) <= 1e-5
         _assert_grads_close(_grads(model, grouped), _grads(model, repeated), 1e-4)
     assert model.config._attn_implementation == impl  # restored
+
+
+@pytest.mark.parametrize("family", ["gemma", "olmo2", "phi3", "qwen3_moe"])
+def test_other_families_grouped_equals_repeated(family):
+    """Gemma (scaled embeddings), OLMo2 (post-norms, q/k norm), Phi3 (fused qkv), Qwen3-MoE (routed
+    experts): nothing family-specific in the grouped path, so they match like the four above."""
+    model = make_model(family, "sdpa")
+    prompts, comps = make_batch(3)
+    grouped = completion_logprobs(model, prompts, comps, grouped=True)
+    repeated = completion_logprobs(model, prompts, comps, grouped=False)
+    assert _max_diff(grouped, repeated) <= 1e-5
+    _assert_grads_close(_grads(model, grouped), _grads(model, repeated), 1e-4)
+
+
+def test_flex_attention_model_scores_without_grad():
+    """A model in FlexAttention mode: the grouped path runs its math through SDPA (exact). On CPU
+    torch's FlexAttention has no backward, so this checks the no-grad scoring (old/ref log-probs)."""
+    model = make_model("qwen2", "sdpa")
+    prompts, comps = make_batch(4)
+    with torch.no_grad():
+        reference = completion_logprobs(model, prompts, comps, grouped=False)
+        model.set_attn_implementation("flex_attention")
+        grouped = completion_logprobs(model, prompts, comps, grouped=True)
+    assert _max_diff(grouped, reference) <= 1e-5
+    assert model.config._attn_implementation == "flex_attention"
 
 
 def _rmsnorm_keep_dtype(self, x):
