@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 import sys
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from effsft.config import ConfigError, load_config
 
@@ -105,6 +107,17 @@ def job_usage(name: str) -> str:
     return "\n".join(lines)
 
 
+def _fresh_work_dir(cfg) -> Path | None:
+    """The job's ``<output>.partial`` work dir if it does not exist yet (this run would make it)."""
+    from effsft.runtime import OutputDir
+
+    output = getattr(cfg, "output", None)
+    if not isinstance(output, str):
+        return None
+    work = OutputDir(output).work
+    return None if work.exists() else work
+
+
 def main(argv: list[str] | None = None) -> int:
     from effsft.runtime import setup_logging
 
@@ -129,9 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from effsft.runtime import OutputExists
 
+    fresh = _fresh_work_dir(cfg)
     try:
         result = _load(job.run)(cfg)
     except (ConfigError, OutputExists) as e:
+        # A bad input found while setting up (no usable rows, a missing column) leaves nothing
+        # behind: the work dir goes if this run made it (a crashed run's dir is kept to resume).
+        if fresh is not None and fresh.exists():
+            shutil.rmtree(fresh, ignore_errors=True)
         print(f"effsft {name}: {e}", file=sys.stderr)
         return 2
     except Exception:

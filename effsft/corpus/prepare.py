@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from effsft.corpus.normalize import NormalizeOptions, normalize_table
-from effsft.corpus.schema import CANONICAL_SCHEMA, REJECTS_SCHEMA
+from effsft.corpus.rejects import RejectsWriter
+from effsft.corpus.schema import CANONICAL_SCHEMA
 
 SHARD_GLOB = "shard-*.parquet"
 
@@ -116,59 +117,46 @@ def prepare_corpus(input_path: str, out_dir: str | os.PathLike, *, opts: Normali
     prev_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # deterministic shard contents
     counts = CorpusCounts()
-    reasons: collections.Counter = collections.Counter()
     formats: collections.Counter = collections.Counter()
     seen: set[bytes] = set()
     shards = _ShardWriter(data_dir, shard_rows)
-    rejects_tmp = out / ".rejects.parquet.tmp"
-    rejects = pq.ParquetWriter(rejects_tmp, REJECTS_SCHEMA, compression="zstd")
     canon_names = [f.name for f in CANONICAL_SCHEMA]
     try:
-        ds = normalised_dataset(input_path, opts, split=split, num_cpus=num_cpus)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            counts.rows_in += batch.num_rows
-            bad = pc.is_valid(batch.column("reject_reason"))
-            good = batch.filter(pc.invert(bad))
-            # Drop later duplicates of an id (first occurrence in read order wins).
-            ids = good.column("id").to_pylist()
-            keep = []
-            for rid in ids:
-                key = rid.encode()
-                keep.append(key not in seen)
-                seen.add(key)
-            keep_arr = pa.array(keep, pa.bool_())
-            dups = good.filter(pc.invert(keep_arr))
-            good = good.filter(keep_arr)
-            for meta in good.column("meta").to_pylist():
-                # cheap format tally without parsing the whole JSON
-                i = meta.rfind('"format": "')
-                formats[meta[i + 11: meta.index('"', i + 11)] if i >= 0 else "?"] += 1
-            shards.add(good.select(canon_names).cast(CANONICAL_SCHEMA))
-            counts.rows_ok += good.num_rows
-            rej = batch.filter(bad)
-            if rej.num_rows:
-                rejects.write_table(pa.table({
-                    "src_file": rej.column("src_file"), "src_row": rej.column("src_row"),
-                    "reason": rej.column("reject_reason"), "detail": rej.column("reject_detail"),
-                    "id": pa.nulls(rej.num_rows, pa.string()), "raw": rej.column("raw")},
-                    schema=REJECTS_SCHEMA))
-                reasons.update(rej.column("reject_reason").to_pylist())
-            if dups.num_rows:
-                rejects.write_table(pa.table({
-                    "src_file": dups.column("src_file"), "src_row": dups.column("src_row"),
-                    "reason": pa.array(["duplicate_id"] * dups.num_rows, pa.string()),
-                    "detail": pa.array(["id seen earlier"] * dups.num_rows, pa.string()),
-                    "id": dups.column("id"),
-                    "raw": pa.nulls(dups.num_rows, pa.binary())}, schema=REJECTS_SCHEMA))
-                reasons["duplicate_id"] += dups.num_rows
+        with RejectsWriter(out / "rejects.parquet") as rejects:
+            ds = normalised_dataset(input_path, opts, split=split, num_cpus=num_cpus)
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                counts.rows_in += batch.num_rows
+                bad = pc.is_valid(batch.column("reject_reason"))
+                good = batch.filter(pc.invert(bad))
+                # Drop later duplicates of an id (first occurrence in read order wins).
+                ids = good.column("id").to_pylist()
+                keep = []
+                for rid in ids:
+                    key = rid.encode()
+                    keep.append(key not in seen)
+                    seen.add(key)
+                keep_arr = pa.array(keep, pa.bool_())
+                dups = good.filter(pc.invert(keep_arr))
+                good = good.filter(keep_arr)
+                for meta in good.column("meta").to_pylist():
+                    # cheap format tally without parsing the whole JSON
+                    i = meta.rfind('"format": "')
+                    formats[meta[i + 11: meta.index('"', i + 11)] if i >= 0 else "?"] += 1
+                shards.add(good.select(canon_names).cast(CANONICAL_SCHEMA))
+                counts.rows_ok += good.num_rows
+                rej = batch.filter(bad)
+                rejects.write(src_file=rej.column("src_file"), src_row=rej.column("src_row"),
+                              reason=rej.column("reject_reason"), detail=rej.column("reject_detail"),
+                              raw=rej.column("raw"))
+                rejects.write(src_file=dups.column("src_file"), src_row=dups.column("src_row"),
+                              reason=["duplicate_id"] * dups.num_rows,
+                              detail=["id seen earlier"] * dups.num_rows, id=dups.column("id"))
                 counts.duplicate_ids += dups.num_rows
-        counts.shards = shards.close()
+            counts.shards = shards.close()
     finally:
-        rejects.close()
         ctx.execution_options.preserve_order = prev_order
-    os.replace(rejects_tmp, out / "rejects.parquet")
-    counts.rows_rejected = sum(reasons.values())
-    counts.rejected_by_reason = dict(sorted(reasons.items()))
+    counts.rows_rejected = rejects.rows
+    counts.rejected_by_reason = dict(sorted(rejects.by_reason.items()))
     counts.formats = dict(sorted(formats.items()))
     counts.check()
     return counts

@@ -59,6 +59,12 @@ REJECT_REASONS = {
     "empty_response": "the final assistant turn is missing or empty",
     "empty_line": "a blank line in a JSONL file",
     "duplicate_id": "a later row whose id was already seen (first occurrence kept)",
+    # training jobs add the rows their tokenisation cannot use (sft: too_long, no_response;
+    # grpo: too_long = prompt over data.max_prompt_tokens)
+    "too_long": "the final response does not fit tokenize.max_len",
+    "no_response": "no token carries a label",
+    # grpo prompts
+    "empty_prompt": "the prompt renders to no tokens",
 }
 
 ROLES = ("system", "user", "assistant")

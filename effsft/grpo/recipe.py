@@ -35,6 +35,7 @@ Output: ``model/`` (HF directory), ``metrics.jsonl``, ``reward.png``, ``loss.png
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -57,7 +58,7 @@ log = logging.getLogger("effsft.grpo")
 class PromptDataSpec(Strict):
     """``data.*``: prompts with the reward functions' columns."""
 
-    path: ExistingPath                     # .parquet or .jsonl file
+    path: ExistingPath                     # JSONL/JSON/Parquet/Arrow file, or a directory of them
     prompt_column: str = "messages"        # chat messages (a trailing assistant turn is dropped) or a string
     tasks: Optional[List[str]] = None      # keep only rows whose ``task`` column is one of these
     limit: Optional[int] = Field(None, ge=1)
@@ -300,44 +301,103 @@ def check_rewards(cfg: GRPOConfig) -> None:
             raise ConfigError(f"reward_funcs.{i}.fn: {e}") from None
 
 
-def read_prompts(cfg: GRPOConfig) -> tuple[PromptSet, dict]:
-    """Read, filter and tokenise the prompts (chat template, as at eval time)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.json as pj
-    import pyarrow.parquet as pq
+def _prompt_messages(value) -> list[dict]:
+    """A prompt cell -> chat messages (a trailing assistant turn, e.g. the reference answer, is
+    dropped). Raises ``Reject`` for a cell that is neither a string nor a list of messages."""
+    from effsft.corpus.normalize import Reject
 
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
+        raise Reject("wrong_type", "the prompt is neither a string nor a list of {role, content} messages")
+    return value[:-1] if value and value[-1]["role"] == "assistant" else list(value)
+
+
+def read_prompts(cfg: GRPOConfig, rejects_path) -> tuple[PromptSet, dict]:
+    """Read, filter and tokenise the prompts (chat template, as at eval time).
+
+    ``data.path`` (a file or a directory of shards) goes through the corpus readers
+    (JSONL/JSON/Parquet/Arrow, compressed or not); rows
+    outside ``data.tasks`` are counted as filtered; beyond ``data.limit`` nothing is read; every
+    other row is a prompt or a line of ``rejects_path`` with its reason (``prompts_in =
+    prompts_ok + prompts_rejected``, checked).
+    """
+    from effsft.corpus.normalize import Reject
+    from effsft.corpus.readers import iter_raw_file, resolve_files
+    from effsft.corpus.rejects import RejectsWriter
     from effsft.corpus.tokenize import encode_prompt, render
     from effsft.models.loading import load_tokenizer
 
     d = cfg.data
-    p = Path(d.path)
-    table = pj.read_json(p) if p.suffix in (".jsonl", ".json") else pq.read_table(p)
-    if d.prompt_column not in table.column_names:
-        raise ConfigError(f"data.prompt_column: {d.path} has no column {d.prompt_column!r}")
-    if d.tasks is not None:
-        if "task" not in table.column_names:
-            raise ConfigError(f"data.tasks: {d.path} has no 'task' column")
-        table = table.filter(pc.is_in(table["task"], value_set=pa.array(d.tasks)))
-    if d.limit:
-        table = table.slice(0, d.limit)
     tok = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    extra = [c for c in table.column_names if c not in (d.prompt_column, "id")]
-    rows = table.to_pylist()
-    ids, texts, keep = [], [], []
-    for i, r in enumerate(rows):
-        v = r[d.prompt_column]
-        msgs = [{"role": "user", "content": v}] if isinstance(v, str) else list(v)
-        msgs = msgs[:-1] if msgs and msgs[-1]["role"] == "assistant" else msgs
-        enc = encode_prompt(tok, msgs)
-        if 0 < len(enc) <= d.max_prompt_tokens:
+    ids, texts, kept = [], [], []
+    n_in = n_filtered = 0
+    seen_column = seen_task = False
+    with RejectsWriter(rejects_path) as rejects:
+        def reject(f, r, why: Reject, raw=None):
+            rejects.write(src_file=[f], src_row=[r], reason=[why.reason], detail=[why.detail],
+                          raw=[raw])
+
+        def raw_rows():
+            for name in resolve_files(d.path):
+                for block in iter_raw_file(name):
+                    yield from zip(block["raw"].to_pylist(), block["src_file"].to_pylist(),
+                                   block["src_row"].to_pylist())
+
+        for raw, f, r in raw_rows():
+            if d.limit and n_in >= d.limit:
+                break
+            try:
+                row = json.loads(raw)
+                if not isinstance(row, dict):
+                    raise Reject("parse_error", "not a JSON object")
+            except (ValueError, UnicodeDecodeError) as e:
+                n_in += 1
+                reject(f, r, Reject("parse_error", str(e)[:200]), raw)
+                continue
+            except Reject as e:
+                n_in += 1
+                reject(f, r, e, raw)
+                continue
+            seen_task |= "task" in row
+            if d.tasks is not None and row.get("task") not in d.tasks:
+                n_filtered += 1
+                continue
+            n_in += 1
+            seen_column |= d.prompt_column in row
+            try:
+                if row.get(d.prompt_column) is None:
+                    raise Reject("missing_field", f"no {d.prompt_column!r} (data.prompt_column)")
+                msgs = _prompt_messages(row[d.prompt_column])
+                enc = encode_prompt(tok, msgs)
+                if not enc:
+                    raise Reject("empty_prompt", "the prompt has no tokens")
+                if len(enc) > d.max_prompt_tokens:
+                    raise Reject("too_long", f"{len(enc)} prompt tokens > data.max_prompt_tokens="
+                                             f"{d.max_prompt_tokens}")
+            except Reject as e:
+                reject(f, r, e, raw)
+                continue
             ids.append(enc)
             texts.append(render(tok, msgs, add_generation_prompt=True))
-            keep.append(i)
-    cols = {c: [rows[i][c] for i in keep] for c in extra}
-    counts = {"prompts_in": len(rows), "prompts_ok": len(ids), "prompts_too_long": len(rows) - len(ids)}
+            kept.append(row)
+    if d.tasks is not None and not seen_task:
+        raise ConfigError(f"data.tasks: {d.path} has no 'task' column")
+    if n_in and not seen_column:
+        raise ConfigError(f"data.prompt_column: {d.path} has no column {d.prompt_column!r}")
     if not ids:
-        raise ConfigError(f"data.path: no usable prompts in {d.path} (after tasks/limit/max_prompt_tokens)")
+        raise ConfigError(f"data.path: no usable prompts in {d.path} (after tasks/limit/max_prompt_tokens; "
+                          f"rejected by reason: {dict(rejects.by_reason)})")
+    if n_in != len(ids) + rejects.rows:
+        raise RuntimeError(f"prompts lost: {n_in} in, {len(ids)} ok, {rejects.rows} rejected")
+    extra = sorted({k for row in kept for k in row} - {d.prompt_column, "id"})
+    cols = {c: [row.get(c) for row in kept] for c in extra}
+    counts = {"prompts_in": n_in, "prompts_ok": len(ids), "prompts_rejected": rejects.rows,
+              "prompts_too_long": rejects.by_reason.get("too_long", 0),
+              "prompts_filtered_by_task": n_filtered,
+              "prompts_rejected_by_reason": dict(sorted(rejects.by_reason.items()))}
     return PromptSet(ids, texts, cols), counts
 
 
@@ -430,7 +490,7 @@ def run_grpo(cfg: GRPOConfig) -> dict:
     init_ray()
     timings: dict = {}
     with timed(timings, "prompts"):
-        prompts, counts = read_prompts(cfg)
+        prompts, counts = read_prompts(cfg, work / "rejects.parquet")
     steps = total_steps(cfg, counts["prompts_ok"])
     actors = start_actors(cfg)
     try:

@@ -73,12 +73,13 @@ class SFTConfig(TrainJobConfig):
 
 # ---- stages --------------------------------------------------------------------------------
 
-def _data(cfg: SFTConfig):
+def _data(cfg: SFTConfig, work):
     from effsft.train.data import tokenised_dataset
 
     return tokenised_dataset(worker_path(cfg.data.path), cfg.data.normalize_options(), worker_path(cfg.model.path),
                              cfg.tokenize.max_len, cfg.tokenize.train_on, cfg.tokenize.truncation,
-                             split=cfg.data.split, trust_remote_code=cfg.model.trust_remote_code)
+                             split=cfg.data.split, trust_remote_code=cfg.model.trust_remote_code,
+                             rejects_path=work / "rejects.parquet")
 
 
 def total_steps(cfg: SFTConfig, rows: int) -> int:
@@ -137,7 +138,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     init_ray()
     timings: dict = {}
     with timed(timings, "tokenize"):
-        ds, counts = _data(cfg)
+        ds, counts = _data(cfg, work)
     steps = total_steps(cfg, counts["rows_ok"])
     with timed(timings, "train"):
         summary = fit(_loop_spec(cfg, steps, work), ds, work / "checkpoints", name="train")

@@ -13,6 +13,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
+from effsft.corpus.rejects import RejectsWriter, split_source
 from effsft.corpus.tokenize import Encoded, collate, encode_chat
 
 log = logging.getLogger("effsft.train")
@@ -32,12 +33,22 @@ def _tokenizer(path: str, trust_remote_code: bool):
 
 def tokenize_table(batch: pa.Table, tokenizer_path: str, max_len: int, train_on: str,
                    truncation: str, trust_remote_code: bool = False) -> pa.Table:
-    """Ray Data ``map_batches`` fn: canonical (or normalised) rows -> token columns + status."""
+    """Ray Data ``map_batches`` fn: canonical (or normalised) rows -> token columns + status.
+
+    Rows that are not ``ok`` keep what :data:`REJECT_COLUMNS` needs for ``rejects.parquet``
+    (where the row came from, why, and the raw bytes of a row the normaliser rejected).
+    """
     tok = _tokenizer(tokenizer_path, trust_remote_code)
-    rejected = (batch.column("reject_reason").to_pylist() if "reject_reason" in batch.column_names
-                else [None] * batch.num_rows)
-    ids, labels, status, truncated, n_resp = [], [], [], [], []
-    for msgs, why in zip(batch.column("messages").to_pylist(), rejected):
+    n = batch.num_rows
+    names = batch.column_names
+    rejected = batch.column("reject_reason").to_pylist() if "reject_reason" in names else [None] * n
+    rejected_detail = batch.column("reject_detail").to_pylist() if "reject_detail" in names else [None] * n
+    if "src_file" in names:  # straight from the normalising readers
+        src_file, src_row = batch.column("src_file").to_pylist(), batch.column("src_row").to_pylist()
+    else:  # prepared shards / a selection: "<file>:<row>"
+        src_file, src_row = split_source(batch.column("source").to_pylist())
+    ids, labels, status, truncated, n_resp, reasons, details = [], [], [], [], [], [], []
+    for msgs, why, why_detail in zip(batch.column("messages").to_pylist(), rejected, rejected_detail):
         e = None if why is not None else encode_chat(tok, msgs, max_len, train_on, truncation)
         st = ("rejected" if e is None else "too_long" if e.too_long
               else "no_response" if e.n_response == 0 else "ok")
@@ -47,12 +58,29 @@ def tokenize_table(batch: pa.Table, tokenizer_path: str, max_len: int, train_on:
         status.append(st)
         truncated.append(bool(e is not None and e.truncated))
         n_resp.append(e.n_response if keep else 0)
+        reasons.append(None if keep else why if st == "rejected" else st)
+        details.append(None if keep else {
+            "rejected": why_detail,
+            "too_long": f"the final response does not fit tokenize.max_len={max_len} "
+                        f"(tokenize.truncation={truncation})",
+            "no_response": f"no token carries a label (tokenize.train_on={train_on})",
+        }[st])
+    not_ok = [st != "ok" for st in status]
+    raw = batch.column("raw").to_pylist() if "raw" in names else [None] * n
     return pa.table({
         "input_ids": pa.array(ids, pa.list_(pa.int32())),
         "labels": pa.array(labels, pa.list_(pa.int32())),
         "n_response": pa.array(n_resp, pa.int32()),
         "truncated": pa.array(truncated, pa.bool_()),
         "status": pa.array(status, pa.string()),
+        "src_file": pa.array([f if bad else None for f, bad in zip(src_file, not_ok)], pa.string()),
+        "src_row": pa.array([r if bad else None for r, bad in zip(src_row, not_ok)], pa.int64()),
+        "reason": pa.array(reasons, pa.string()),
+        "detail": pa.array(details, pa.string()),
+        "id": pa.array([i if bad else None for i, bad in zip(batch.column("id").to_pylist(), not_ok)],
+                       pa.string()),
+        "raw": pa.array([r if bad and st == "rejected" else None for r, bad, st in zip(raw, not_ok, status)],
+                        pa.binary()),
     })
 
 
@@ -88,14 +116,24 @@ def _keep_ok(t: pa.Table) -> pa.Table:
     return t.filter(pc.equal(t["status"], "ok")).select(["input_ids", "labels", "n_response"])
 
 
+def _not_ok(t: pa.Table) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return t.filter(pc.not_equal(t["status"], "ok")).select(
+        ["src_file", "src_row", "reason", "detail", "id", "raw"])
+
+
 def tokenised_dataset(path: str, normalize_options, tokenizer_path: str, max_len: int,
                       train_on: str = "all", truncation: str = "left", split: str = "train",
-                      trust_remote_code: bool = False, num_cpus: float = 0.5):
+                      trust_remote_code: bool = False, num_cpus: float = 0.5,
+                      rejects_path=None):
     """Tokenise a corpus on Ray Data; return ``(dataset of ok rows, counts)``.
 
     ``counts`` has ``rows_in``, one entry per status, ``truncated`` (prompt cut from the left,
     row kept) and ``response_tokens``. Both datasets are materialised: the trainer splits the
-    first across workers and the counts size the run.
+    first across workers and the counts size the run. Every row that is not trained on goes to
+    ``rejects_path`` (when given) with its source and reason (the normaliser's reason, or
+    ``too_long`` / ``no_response``); ``rows_in = rows_ok + rows written`` is checked.
     """
     ds = source_dataset(path, normalize_options, split).map_batches(
         tokenize_table, batch_format="pyarrow", num_cpus=num_cpus, batch_size=256,
@@ -113,10 +151,21 @@ def tokenised_dataset(path: str, normalize_options, tokenizer_path: str, max_len
               "rows_truncated": truncated,
               "response_tokens": int(ok.sum("n_response")) if status["ok"] else 0}
     dropped = counts["rows_in"] - counts["rows_ok"]
+    if rejects_path is not None:
+        with RejectsWriter(rejects_path) as rejects:
+            if dropped:
+                for b in ds.map_batches(_not_ok, batch_format="pyarrow", num_cpus=num_cpus).iter_batches(
+                        batch_format="pyarrow", batch_size=None):
+                    rejects.write(src_file=b["src_file"], src_row=b["src_row"], reason=b["reason"],
+                                  detail=b["detail"], id=b["id"], raw=b["raw"])
+        if rejects.rows != dropped:
+            raise RuntimeError(f"rows lost: {counts['rows_in']} in, {counts['rows_ok']} ok, "
+                               f"{rejects.rows} written to {rejects_path}")
     if dropped:
         log.warning("train data: %d of %d rows not trainable (rejected %d, too_long %d, "
-                    "no_response %d)", dropped, counts["rows_in"], status["rejected"],
-                    status["too_long"], status["no_response"])
+                    "no_response %d)%s", dropped, counts["rows_in"], status["rejected"],
+                    status["too_long"], status["no_response"],
+                    f"; listed in {rejects_path}" if rejects_path is not None else "")
     return ok, counts
 
 

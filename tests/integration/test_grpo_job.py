@@ -54,13 +54,14 @@ def test_grpo_three_steps_killed_worker_resumes_actors_synced(tiny_model_dir, sy
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert state_checksum(base.state_dict()) != met["weights_checksum"]  # it did train
     assert met["actor_versions"] == [3, 3]
-    for f in ("_SUCCESS", "report.md", "reward.png", "loss.png", "model/model.safetensors"):
+    for f in ("_SUCCESS", "report.md", "reward.png", "loss.png", "model/model.safetensors", "rejects.parquet"):
         assert (out / f).exists(), f
     assert "Reward" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("bad", ["num_generations=1", "rollout.prompts_per_step=3",
-                                 "reward_funcs=[{fn: 'no_such_mod:fn'}]", "loss_type=ppo"])
+                                 "reward_funcs=[{fn: 'no_such_mod:fn'}]", "loss_type=ppo",
+                                 "data.prompt_column=question"])  # found while reading the data
 def test_grpo_bad_config_exits_2_writes_nothing(tiny_model_dir, synth_corpus, tmp_path, capsys, bad):
     out = tmp_path / "bad"
     rc = main(_args(tiny_model_dir, synth_corpus / "grpo.parquet", out) + [bad])

@@ -56,6 +56,9 @@ def test_sft_zero2_loss_falls_killed_worker_resumes_model_reloads(tiny_model_dir
     m = json.loads((out / "manifest.json").read_text())
     c = m["counts"]
     assert (c["rows_in"], c["rows_ok"], c["rows_too_long"], c["rows_rejected"]) == (7, 4, 2, 1)
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()  # every row not trained on, why
+    assert sorted(r["reason"] for r in rejects if r["reason"] == "too_long") == ["too_long"] * 2
+    assert len(rejects) == 3 and all(r["src_file"] and r["src_row"] >= 0 for r in rejects)
     assert (out / ".fault-fired-rank1-step3").exists()
     assert m["metrics"]["steps"] == 8 and m["metrics"]["resumed_from_step"] == 2
     rows = read_metrics(out / "metrics.jsonl")

@@ -86,3 +86,33 @@ def test_collate_pads_and_masks(tok):
     left = collate([a, b], tok.pad_token_id, side="left")
     assert left["attention_mask"][0, -1] == 1 and left["attention_mask"][0, 0] == 0
     assert torch.equal(left["input_ids"][0, -len(a.input_ids):], torch.tensor(a.input_ids))
+
+
+def test_untrainable_rows_carry_their_reject_record(tiny_model_dir):
+    """``tokenize_table`` (the SFT data map): every row that is not trained on keeps its source
+    and reason for ``rejects.parquet``, from raw (normalised) rows and from canonical shards."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from effsft.corpus.normalize import normalize_table
+    from effsft.train.data import _not_ok, tokenize_table
+
+    raws = [json.dumps({"prompt": "hi", "response": "there " * 200}),  # too long for 64 tokens
+            "{not json",                                                 # normaliser reject
+            json.dumps({"prompt": "a", "response": "b"})]                # fine
+    raw = pa.table({"raw": pa.array([r.encode() for r in raws], pa.binary()),
+                    "src_file": ["f.jsonl"] * 3, "src_row": [0, 1, 2]})
+    norm = normalize_table(raw)
+    out = tokenize_table(norm, str(tiny_model_dir), 64, "all", "left")
+    assert out["status"].to_pylist() == ["too_long", "rejected", "ok"]
+    rej = _not_ok(out).to_pylist()
+    assert [(r["src_file"], r["src_row"], r["reason"]) for r in rej] == [
+        ("f.jsonl", 0, "too_long"), ("f.jsonl", 1, "parse_error")]
+    assert "tokenize.max_len=64" in rej[0]["detail"] and rej[0]["id"] and rej[0]["raw"] is None
+    assert rej[1]["raw"] == b"{not json" and rej[1]["id"] is None
+    # canonical shards ("source" = "<file>:<row>") give the same record
+    canon = norm.filter(pc.is_null(norm["reject_reason"])).select(["id", "messages", "source", "meta"])
+    again = _not_ok(tokenize_table(canon, str(tiny_model_dir), 64, "all", "left")).to_pylist()
+    assert again == [rej[0]]
