@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
-from effsft.config import CorpusSpec, ModelSpec, OutputPath, Strict, to_dict
+from effsft.config import ConfigError, CorpusSpec, ModelSpec, OutputPath, Strict, to_dict
 from effsft.runtime import OutputDir, init_ray, timed
 
 log = logging.getLogger("effsft.select")
@@ -508,9 +508,11 @@ def _read_zip_rows(shards: list[Path], ser: str) -> list[bytes]:
 
 
 def resolve_budget(budget: float, n_ok: int) -> int:
+    """A count (>= 1) or a fraction (< 1, at least one row) -> the number of rows to pick."""
     b = int(round(budget * n_ok)) if budget < 1 else int(budget)
     if b > n_ok:
-        raise ValueError(f"budget {b} exceeds the {n_ok} usable rows")
+        raise ConfigError(f"budget: {b} exceeds the {n_ok} usable rows of the input "
+                          "(give a count <= that, or a fraction < 1)")
     return max(1, b)
 
 

@@ -151,3 +151,10 @@ def test_cli_and_bad_config(small_corpus, tiny_model_dir, tmp_path, capsys):
     rc = main(["select", "--input", str(synth_corpus / "train"), "--method", "ce", "--budget", "5",
                "--output", str(tmp_path / "bad")])
     assert rc == 2 and "model" in capsys.readouterr().err
+    # a budget larger than the usable rows is found after reading: exit 2 naming the key, and the
+    # run leaves no output or work directory (the prepared corpus stays in the cache for a re-run)
+    rc = main(["select", "--input", str(synth_corpus / "train"), "--method", "random", "--budget", "10000000",
+               "--output", str(tmp_path / "big"), "--cache_dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "budget: " in err and "usable rows" in err, err
+    assert not (tmp_path / "big").exists() and not (tmp_path / "big.partial").exists()
