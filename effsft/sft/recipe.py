@@ -87,6 +87,10 @@ def total_steps(cfg: SFTConfig, rows: int) -> int:
     from effsft.train.data import steps_per_epoch
 
     tr = cfg.train
+    if rows // tr.num_workers < tr.micro_batch_size:  # each worker's shard must fill a micro-batch
+        raise ConfigError(f"train.micro_batch_size: {rows} trainable rows over train.num_workers="
+                          f"{tr.num_workers} give {rows // tr.num_workers} per worker, fewer than one "
+                          f"micro-batch of {tr.micro_batch_size}")
     if tr.max_steps:
         return tr.max_steps
     per_epoch = steps_per_epoch(rows, tr.num_workers, tr.micro_batch_size, tr.grad_accum)

@@ -267,3 +267,14 @@ def test_jobs_sft_yaml_validates_and_qtuning_keys_are_the_spec(tmp_path):
                        paths + ["train.num_workers=1", "train.zero_stage=2"]).train.zero_stage == 2
     with pytest.raises(ConfigError, match="train.zero_stage"):
         load_config(SFTConfig, root / "jobs" / "sft.yaml", paths + ["train.zero_stage=fast"])
+    # run length from the trainable rows: each worker's shard must fill one micro-batch (a
+    # config error before any worker starts), max_steps wins, else floor(epochs x steps/epoch)
+    from effsft.sft.recipe import total_steps
+
+    two = load_config(SFTConfig, root / "jobs" / "sft.yaml", paths + ["train.num_workers=2",
+                                                                       "train.micro_batch_size=4", "train.grad_accum=1"])
+    with pytest.raises(ConfigError, match="train.micro_batch_size: 7 trainable rows"):
+        total_steps(two, 7)
+    assert total_steps(two, 8) == 1 and total_steps(two, 100) == 12
+    capped = load_config(SFTConfig, root / "jobs" / "sft.yaml", paths + ["train.max_steps=3"])
+    assert total_steps(capped, 10_000) == 3
