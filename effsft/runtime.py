@@ -75,6 +75,15 @@ def _loopback_only() -> Iterator[None]:
             os.environ[_RAY_CLUSTER_SWITCH] = saved_env
 
 
+def quiet_without_state_api() -> None:
+    """Ray worker setup hook of the dashboard-less local Ray: there is no State API, and Ray
+    Train's placement-group cleaner would warn once a second for a whole run that it cannot query
+    it (the cleaner only guards against a leaked group after a controller crash; a local Ray dies
+    with its driver anyway)."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
+        logging.ERROR)
+
+
 def init_ray(**overrides) -> dict:
     """Connect to ``RAY_ADDRESS`` if set, else start (or reuse) an embedded local Ray.
 
@@ -95,6 +104,8 @@ def init_ray(**overrides) -> dict:
         kwargs = dict(local_ray_resources())
         kwargs.update(overrides)
         dashboard = os.environ.get("EFFSFT_RAY_DASHBOARD", "0") == "1"
+        if not dashboard:
+            runtime_env["worker_process_setup_hook"] = "effsft.runtime.quiet_without_state_api"
         with _loopback_only():
             ray.init(
                 include_dashboard=dashboard,

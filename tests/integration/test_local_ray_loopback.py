@@ -67,3 +67,19 @@ def test_session_ray_node_is_loopback():
     assert ray.util.get_node_ip_address() == "127.0.0.1"
     assert {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} == {"127.0.0.1"}
     assert "node:127.0.0.1" in ray.cluster_resources()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_workers_of_the_dashboardless_ray_skip_the_state_api_warning():
+    """No dashboard -> no State API: the worker setup hook quiets Ray Train's placement-group
+    cleaner, which would otherwise warn once a second through a whole training run."""
+    import logging
+
+    import ray
+
+    @ray.remote(num_cpus=0.1)
+    def level():
+        return logging.getLogger(
+            "ray.train.v2._internal.execution.controller.placement_group_cleaner").getEffectiveLevel()
+
+    assert ray.get(level.remote()) == logging.ERROR
