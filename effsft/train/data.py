@@ -35,7 +35,7 @@ def tokenize_table(batch: pa.Table, tokenizer_path: str, max_len: int, train_on:
                    truncation: str, trust_remote_code: bool = False) -> pa.Table:
     """Ray Data ``map_batches`` fn: canonical (or normalised) rows -> token columns + status.
 
-    Rows that are not ``ok`` keep what :data:`REJECT_COLUMNS` needs for ``rejects.parquet``
+    Rows that are not ``ok`` keep what ``rejects.parquet`` (:data:`~effsft.corpus.schema.REJECTS_SCHEMA`) needs
     (where the row came from, why, and the raw bytes of a row the normaliser rejected).
     """
     tok = _tokenizer(tokenizer_path, trust_remote_code)
