@@ -9,6 +9,8 @@ starts, and every error names the dotted key it is about (``sft.qtuning.sample_r
 from __future__ import annotations
 
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping, TypeVar
 
@@ -122,14 +124,12 @@ def build_config(cls: type[C], data: Mapping[str, Any]) -> C:
 
 def _type_name(annotation: Any) -> str:
     """``Optional[int]`` -> ``int | None``; ``Literal['a', 'b']`` -> ``'a' | 'b'``; classes by name."""
-    import typing
-
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Annotated:
         return _type_name(args[0])
     if origin is typing.Literal:
         return " | ".join(repr(a) for a in args)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return " | ".join(_type_name(a) for a in args)
     if origin is not None:
         inner = ", ".join(_type_name(a) for a in args)
@@ -141,8 +141,6 @@ def _type_name(annotation: Any) -> str:
 
 def _section_of(annotation: Any) -> type[BaseModel] | None:
     """The config-section class behind ``Section`` or ``Optional[Section]``, else None."""
-    import typing
-
     if typing.get_origin(annotation) in (list, tuple, dict):
         return None
     for c in (annotation, *typing.get_args(annotation)):
@@ -153,16 +151,13 @@ def _section_of(annotation: Any) -> type[BaseModel] | None:
 
 def config_reference(cls: type[BaseModel], prefix: str = "") -> list[str]:
     """Every dotted key of a config class with its type and default (``effsft <job> --help``)."""
-    import typing
-
     lines = []
     for name, info in cls.model_fields.items():
         key = f"{prefix}{info.alias or name}"  # YAML spells aliases
         section = _section_of(info.annotation)
-        if section is not None and not info.is_required() and info.default is None:
-            lines.append(f"  {key}: {section.__name__} | None = None")
-            lines += config_reference(section, f"{key}.")
-        elif section is not None:
+        if section is not None:
+            if not info.is_required() and info.default is None:  # an optional section, off by default
+                lines.append(f"  {key}: {section.__name__} | None = None")
             lines += config_reference(section, f"{key}.")
         else:
             if info.is_required():

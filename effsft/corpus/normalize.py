@@ -163,10 +163,11 @@ def _meta(row: dict, fmt: str, opts: NormalizeOptions) -> str:
     return json.dumps(meta, ensure_ascii=False, default=str, sort_keys=True)
 
 
-def normalize_row(raw: bytes, opts: NormalizeOptions = NormalizeOptions()) -> dict:
-    """Raw JSON bytes -> canonical dict (without ``source``). Raises ``Reject``."""
-    if len(raw) > opts.max_row_bytes:
-        raise Reject("too_large", f"{len(raw)} bytes > max_row_bytes={opts.max_row_bytes}")
+def parse_object(raw: bytes, max_row_bytes: int) -> dict:
+    """Raw row bytes -> the JSON object. Raises ``Reject`` (too_large, invalid_utf8,
+    empty_line, parse_error)."""
+    if len(raw) > max_row_bytes:
+        raise Reject("too_large", f"{len(raw)} bytes > max_row_bytes={max_row_bytes}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -179,6 +180,12 @@ def normalize_row(raw: bytes, opts: NormalizeOptions = NormalizeOptions()) -> di
         raise Reject("parse_error", str(e)[:200]) from None
     if not isinstance(row, dict):
         raise Reject("parse_error", f"a JSON {type(row).__name__}, not an object")
+    return row
+
+
+def normalize_row(raw: bytes, opts: NormalizeOptions = NormalizeOptions()) -> dict:
+    """Raw JSON bytes -> canonical dict (without ``source``). Raises ``Reject``."""
+    row = parse_object(raw, opts.max_row_bytes)
     fmt = detect_format(row)
     msgs = to_messages(row, fmt)
     check_messages(msgs, opts)

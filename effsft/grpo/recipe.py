@@ -35,7 +35,6 @@ Output: ``model/`` (HF directory), ``metrics.jsonl``, ``reward.png``, ``loss.png
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -301,6 +300,9 @@ def check_rewards(cfg: GRPOConfig) -> None:
             raise ConfigError(f"reward_funcs.{i}.fn: {e}") from None
 
 
+MAX_PROMPT_ROW_BYTES = 1 << 20  # a prompt row larger than this is rejected (too_large)
+
+
 def _prompt_messages(value) -> list[dict]:
     """A prompt cell -> chat messages (a trailing assistant turn, e.g. the reference answer, is
     dropped). Raises ``Reject`` for a cell that is neither a string nor a list of messages."""
@@ -324,7 +326,7 @@ def read_prompts(cfg: GRPOConfig, rejects_path) -> tuple[PromptSet, dict]:
     other row is a prompt or a line of ``rejects_path`` with its reason (``prompts_in =
     prompts_ok + prompts_rejected``, checked).
     """
-    from effsft.corpus.normalize import Reject
+    from effsft.corpus.normalize import Reject, parse_object
     from effsft.corpus.readers import iter_raw_file, resolve_files
     from effsft.corpus.rejects import RejectsWriter
     from effsft.corpus.tokenize import encode_prompt, render
@@ -350,13 +352,7 @@ def read_prompts(cfg: GRPOConfig, rejects_path) -> tuple[PromptSet, dict]:
             if d.limit and n_in >= d.limit:
                 break
             try:
-                row = json.loads(raw)
-                if not isinstance(row, dict):
-                    raise Reject("parse_error", "not a JSON object")
-            except (ValueError, UnicodeDecodeError) as e:
-                n_in += 1
-                reject(f, r, Reject("parse_error", str(e)[:200]), raw)
-                continue
+                row = parse_object(raw, MAX_PROMPT_ROW_BYTES)
             except Reject as e:
                 n_in += 1
                 reject(f, r, e, raw)
