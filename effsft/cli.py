@@ -33,6 +33,8 @@ JOBS: dict[str, Job] = {
                    {"input": "input.path"}, help="normalise a corpus into canonical shards + rejects"),
     "tiny-model": Job("effsft.models.jobs:TinyModelConfig", "effsft.models.jobs:run_tiny_model",
                       help="tiny Llama/Qwen2 model + offline tokenizer as an HF directory"),
+    "import-gguf": Job("effsft.models.gguf:ImportGGUFConfig", "effsft.models.gguf:run_import_gguf",
+                       help="a GGUF file -> an HF safetensors directory (dequantised, chat template kept)"),
     "eval": Job("effsft.eval.recipe:EvalConfig", "effsft.eval.recipe:run_eval",
                 {"model": "model.path", "data": "data.path"},
                 help="perplexity + exact-match accuracy"),

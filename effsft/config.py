@@ -210,12 +210,16 @@ from pydantic import Field  # noqa: E402
 
 
 class ModelSpec(Strict):
-    """A local HF causal-LM directory."""
+    """A local HF causal-LM directory, and how conversations are rendered for it."""
 
     path: ExistingPath
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
     attn_implementation: Optional[str] = None
+    # auto: the tokenizer's chat template when it has one, else the documented default
+    # (Human:/Assistant:); chat: require the tokenizer's; default: always the documented one.
+    # One rule for select's scorers, sft, eval, grpo prompts and prune calibration.
+    template: Literal["auto", "chat", "default"] = "auto"
 
 
 class CorpusSpec(Strict):

@@ -1,9 +1,14 @@
-"""Chat tokenisation with response-only labels.
+"""Chat tokenisation with response-only labels: the one template rule of every job.
 
-The tokenizer's own chat template is used when it has one, else ``DEFAULT_CHAT_TEMPLATE``
-(the LLaMA-Factory ``default`` layout: ``Human: ...\\nAssistant:\\n...``). Labels are -100 on
+``model.template`` (``auto|chat|default``) is resolved once per tokenizer by
+:func:`use_template`: ``auto`` takes the tokenizer's own chat template when it has one, else
+``DEFAULT_CHAT_TEMPLATE`` (the LLaMA-Factory ``default`` layout: ``Human: ...\\nAssistant:\\n...``);
+``chat`` requires the tokenizer's template; ``default`` always uses ours. The resolved template
+is installed on the tokenizer, so every render below (SFT rows, eval perplexity and prompts,
+select's scorers and embedder, GRPO prompts, prune calibration) sees the same text, and a
+saved tokenizer carries the template the model was trained with. Labels are -100 on
 system/user tokens and on template scaffolding; only assistant content (plus the template's
-end-of-turn token) is trained on.
+end-of-turn token) is trained on or scored.
 
 How spans are found, for any template: render the conversation prefix up to each assistant
 turn with ``add_generation_prompt=True`` and the prefix including it; the characters between
@@ -29,8 +34,51 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+TemplateMode = Literal["auto", "chat", "default"]
+
+
 class TemplateError(ValueError):
     pass
+
+
+def resolve_template(tokenizer, mode: TemplateMode = "auto") -> tuple[str, str]:
+    """``(template text, "chat" | "default")`` for ``model.template=mode``.
+
+    Raises:
+        TemplateError: ``mode`` is ``chat`` and the tokenizer has no chat template.
+    """
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):  # several named templates: the one transformers uses by default
+        own = own.get("default")
+    if mode not in ("auto", "chat", "default"):
+        raise TemplateError(f"model.template: must be auto, chat or default (got {mode!r})")
+    if mode == "default" or (mode == "auto" and (not own or own == DEFAULT_CHAT_TEMPLATE)):
+        return DEFAULT_CHAT_TEMPLATE, "default"
+    if not own:
+        raise TemplateError("model.template: chat, but the tokenizer has no chat template "
+                            "(use auto or default)")
+    return own, "chat"
+
+
+def use_template(tokenizer, mode: TemplateMode = "auto"):
+    """Install the template ``mode`` resolves to on ``tokenizer`` (in place) and return it.
+
+    ``tokenizer.effsft_template`` records the resolved name (``chat`` / ``default``) for
+    manifests; :func:`template_info` reports it with a hash of the text.
+    """
+    text, name = resolve_template(tokenizer, mode)
+    tokenizer.chat_template = text
+    tokenizer.effsft_template = name
+    return tokenizer
+
+
+def template_info(tokenizer) -> dict:
+    """What a manifest records about the template a job used."""
+    import hashlib
+
+    text = template_of(tokenizer)
+    return {"template": getattr(tokenizer, "effsft_template", None) or resolve_template(tokenizer)[1],
+            "template_sha": hashlib.sha256(text.encode()).hexdigest()[:16]}
 
 
 @dataclass
@@ -85,9 +133,25 @@ def encode_chat(tokenizer, messages: Sequence[dict], max_len: int,
     ``drop`` and any overflow) the row is returned with ``too_long=True`` for the caller to
     count and skip.
     """
-    full, spans = assistant_spans(tokenizer, messages, train_on)
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    return encode_chats(tokenizer, [messages], max_len, train_on, truncation)[0]
+
+
+def encode_chats(tokenizer, conversations: Sequence[Sequence[dict]], max_len: int,
+                 train_on: Literal["all", "last"] = "all",
+                 truncation: Literal["left", "drop"] = "left") -> list[Encoded]:
+    """:func:`encode_chat` for many conversations with one batched tokenizer call."""
+    rendered = [assistant_spans(tokenizer, m, train_on) for m in conversations]
+    if not rendered:
+        return []
+    enc = tokenizer([full for full, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    return [_label(ids, offsets, full, spans, max_len, truncation)
+            for ids, offsets, (full, spans) in zip(enc["input_ids"], enc["offset_mapping"], rendered)]
+
+
+def _label(ids: list[int], offsets, full: str, spans: list[tuple[int, int]], max_len: int,
+           truncation: str) -> Encoded:
+    """Labels from character spans, then the truncation rule of :func:`encode_chat`."""
+    ids = list(ids)
     labels = [IGNORE_INDEX] * len(ids)
     for t, (a, b) in enumerate(offsets):
         if b <= a:
@@ -118,6 +182,18 @@ def encode_prompt(tokenizer, messages: Sequence[dict]) -> list[int]:
     """Token ids of the prompt for generation (all turns, plus the generation prompt)."""
     text = render(tokenizer, messages, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_turns(messages: Sequence[dict]) -> list[dict]:
+    """The turns a model answers: everything before the final assistant turn (eval, GRPO)."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    return list(messages[:last]) if last is not None and last == len(messages) - 1 else list(messages)
+
+
+def empty_prompt_ids(tokenizer) -> list[int]:
+    """The template's generation prompt after an empty user turn: what is left of a prompt
+    without its content (IFD's unconditioned pass, s(A))."""
+    return encode_prompt(tokenizer, [{"role": "user", "content": ""}])
 
 
 def collate(encoded: Sequence[Encoded], pad_id: int, side: Literal["right", "left"] = "right"):

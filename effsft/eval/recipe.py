@@ -58,7 +58,8 @@ def evaluate(model_spec: dict, ppl_rows: list | None, em_rows: list | None, max_
     from effsft.models.loading import load_model, load_tokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tok = load_tokenizer(model_spec["path"], trust_remote_code=model_spec["trust_remote_code"])
+    tok = load_tokenizer(model_spec["path"], trust_remote_code=model_spec["trust_remote_code"],
+                         template=model_spec["template"])
     model = load_model(model_spec["path"], dtype=model_spec["dtype"], device=device,
                        trust_remote_code=model_spec["trust_remote_code"],
                        attn_implementation=model_spec["attn_implementation"])
@@ -74,6 +75,7 @@ def evaluate(model_spec: dict, ppl_rows: list | None, em_rows: list | None, max_
 def run_eval(cfg: EvalConfig) -> dict:
     import ray
 
+    from effsft.models.loading import describe_model
     from effsft.report.manifest import fingerprint, write_manifest
     from effsft.report.plots import write_report
 
@@ -88,7 +90,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     with timed(timings, "evaluate"):
         res = ray.get(task.remote(cfg.model.model_dump(), ppl_rows, em_rows, cfg.max_len,
                                   cfg.batch_size, cfg.max_new_tokens))
-    inputs = {"model": {"path": cfg.model.path, "fingerprint": fingerprint(cfg.model.path)}}
+    inputs = {"model": describe_model(cfg.model)}
     if cfg.data:
         inputs["data"] = {"path": cfg.data.path}
     if cfg.eval_split:

@@ -333,7 +333,8 @@ def read_prompts(cfg: GRPOConfig, rejects_path) -> tuple[PromptSet, dict]:
     from effsft.models.loading import load_tokenizer
 
     d = cfg.data
-    tok = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    tok = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
+                         template=cfg.model.template)
     ids, texts, kept = [], [], []
     n_in = n_filtered = 0
     seen_column = seen_task = False
@@ -476,6 +477,7 @@ def run_grpo(cfg: GRPOConfig) -> dict:
     """Set up actors and the controller, fit, write manifest + report, commit the output."""
     import ray
 
+    from effsft.models.loading import describe_model
     from effsft.report.manifest import fingerprint, write_manifest
     from effsft.train.loop import METRICS_FILE, read_metrics
     from effsft.train.trainer import fit
@@ -504,7 +506,7 @@ def run_grpo(cfg: GRPOConfig) -> dict:
     sync = {"trainer_checksum": summary.get("weights_checksum"), "actors_in_sync":
             all(s == summary.get("weights_checksum") for s in rollout_sums), "actor_versions": versions}
     _report(cfg, work, rows, counts, summary, sync)
-    inputs = {"model": {"path": cfg.model.path, "fingerprint": fingerprint(cfg.model.path)},
+    inputs = {"model": describe_model(cfg.model),
               "data": {"path": cfg.data.path, "fingerprint": fingerprint(cfg.data.path)}}
     rewards = [r.get("reward_mean") for r in rows]
     metrics = {**summary, "first_reward": rewards[0] if rewards else None,

@@ -37,8 +37,13 @@ def resolve_dtype(dtype: DType, device: str | torch.device = "cpu") -> torch.dty
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False, padding_side: str = "right"):
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False, padding_side: str = "right",
+                   template: str = "auto"):
+    """The tokenizer of a local directory with the chat template ``template`` resolves to
+    (``model.template``: see :func:`effsft.corpus.tokenize.use_template`) installed on it."""
     from transformers import AutoTokenizer
+
+    from effsft.corpus.tokenize import use_template
 
     if not Path(path).is_dir():
         raise ModelPathError(f"tokenizer directory does not exist: {path}")
@@ -47,7 +52,7 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False, pad
         # Why eos: pad positions are masked out of every loss, so any id works; eos is common.
         tok.pad_token = tok.eos_token
     tok.padding_side = padding_side
-    return tok
+    return use_template(tok, template)
 
 
 def load_model(path: str | os.PathLike, dtype: DType = "auto", device: str | torch.device = "cpu",
@@ -65,3 +70,17 @@ def load_model(path: str | os.PathLike, dtype: DType = "auto", device: str | tor
 
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def describe_model(spec) -> dict:
+    """A manifest's ``inputs.model``: path, fingerprint and the template the job used.
+
+    Args:
+        spec: a :class:`effsft.config.ModelSpec` (or its dict).
+    """
+    from effsft.corpus.tokenize import template_info
+    from effsft.report.manifest import fingerprint
+
+    s = spec if isinstance(spec, dict) else spec.model_dump()
+    tok = load_tokenizer(s["path"], trust_remote_code=s["trust_remote_code"], template=s["template"])
+    return {"path": s["path"], "fingerprint": fingerprint(s["path"]), **template_info(tok)}

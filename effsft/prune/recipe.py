@@ -319,7 +319,8 @@ def prune_task(model_spec: dict, settings: dict, calib, windows, save_dir: str |
     if save_dir is not None:
         t0 = time.perf_counter()
         model.save_pretrained(save_dir, safe_serialization=True)  # zeros stored densely, dtype unchanged
-        load_tokenizer(model_spec["path"], trust_remote_code=model_spec["trust_remote_code"]).save_pretrained(save_dir)
+        load_tokenizer(model_spec["path"], trust_remote_code=model_spec["trust_remote_code"],
+                       template=model_spec["template"]).save_pretrained(save_dir)
         timings["save_s"] = time.perf_counter() - t0
     res["timings"] = timings
     return res
@@ -467,14 +468,15 @@ def _load_data(cfg: PruneConfig) -> tuple:
 
     from effsft.models.loading import load_tokenizer
 
-    tok = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    tok = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, template=cfg.model.template)
     mcfg = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     return build_windows(cfg, tok, getattr(mcfg, "max_position_embeddings", None))
 
 
 def run_prune(cfg: PruneConfig) -> dict:
     """Set up (Ray, data), run the pruning task(s), write the reports, commit the output."""
-    from effsft.report.manifest import fingerprint, write_manifest
+    from effsft.models.loading import describe_model
+    from effsft.report.manifest import write_manifest
 
     out = OutputDir(cfg.output, overwrite=cfg.overwrite)
     ray_desc = init_ray()
@@ -500,7 +502,7 @@ def run_prune(cfg: PruneConfig) -> dict:
         "ppl_dense": ppl_dense, "ppl_pruned": results[0]["ppl_pruned"], **{k: v for k, v in rows[0].items()
                                                                          if k not in ("run", "ppl")},
         "global": results[0]["report"]["global"]}
-    inputs = {"model": {"path": cfg.model.path, "fingerprint": fingerprint(cfg.model.path)},
+    inputs = {"model": describe_model(cfg.model),
               "calib": {"path": cfg.prune.calib.data.path}}
     if cfg.prune.eval.data is not None:
         inputs["eval"] = {"path": cfg.prune.eval.data.path}

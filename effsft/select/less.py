@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from effsft.select.lm_scores import STATUS_OK, encode_pair, pad_right
+from effsft.select.lm_scores import STATUS_OK, encode_pairs, pad_right
 
 __all__ = [
     "PROJECTOR_VERSION",
@@ -241,15 +241,14 @@ def less_scores(train: Sequence[np.ndarray], target: Sequence[np.ndarray], group
 
 # ----------------------------------------------------------------------------- gradients
 def encode_rows(tokenizer, messages_list, max_len: int) -> tuple[list, list[str]]:
-    """Token ids and response-only labels per row (LM-scorer template and truncation).
+    """Token ids and response-only labels per row (the LM scorers' encoding: the template rule).
 
     Returns:
         (rows, status): ``rows[i]`` is ``(ids, labels)`` (lists; labels −100 on the prompt)
         or None when ``status[i]`` is not ``ok``.
     """
     rows, status = [], []
-    for m in messages_list:
-        e = encode_pair(tokenizer, m, max_len)
+    for e in encode_pairs(tokenizer, messages_list, max_len):
         status.append(e.status)
         rows.append((e.prompt_ids + e.answer_ids, [IGNORE] * len(e.prompt_ids) + e.answer_ids)
                     if e.status == STATUS_OK else None)
@@ -504,7 +503,8 @@ TARGET_FILE = "target.npz"
 
 def prepare_checkpoints(model_path: str, warmup_messages, target_messages, target_groups: Sequence,
                         out_dir: str | Path, s: WarmupSettings, proj_dim: int = 8192, proj_seed: int = 0,
-                        device: str = "cpu", method: str = "vmap", trust_remote_code: bool = False) -> dict:
+                        device: str = "cpu", method: str = "vmap", trust_remote_code: bool = False,
+                        template: str = "auto") -> dict:
     """Warm-up, then the target features of every checkpoint (what the select job runs once).
 
     Writes the :func:`less_warmup` checkpoints under ``out_dir`` and, in each, ``target.npz``
@@ -520,7 +520,7 @@ def prepare_checkpoints(model_path: str, warmup_messages, target_messages, targe
     def base():
         return load_model(model_path, dtype="float32", device=device, trust_remote_code=trust_remote_code)
 
-    tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code, template=template)
     paths = less_warmup(base(), tok, warmup_messages, out_dir, s)
     info: dict = {"checkpoints": []}
     groups = np.asarray([str(x) for x in target_groups])

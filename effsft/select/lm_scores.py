@@ -1,37 +1,38 @@
 """LM-based per-row scores: length, CE / PPL / entropy of the answer, and IFD.
 
-Conventions (spec `data_selection.md` §2 "LM scorer conventions"):
+Conventions:
 
-* Template: LLaMA-Factory ``default`` (``Human: …\\nAssistant:``).
-* Q (all turns before the last assistant turn) and A (the last assistant turn) are
-  tokenised separately and concatenated, so every pass scores the same answer ids.
-* ``max_len`` (4096) truncation cuts A at its tail; no room for a single answer token
-  gives status ``prompt_too_long`` and null scores (the paper's script writes 0).
+* Template: the job's one rule (``model.template``, :mod:`effsft.corpus.tokenize`): rows are
+  encoded exactly as SFT trains on them and eval scores them, so Q = the tokens before the last
+  assistant turn, A = the tokens SFT labels in that turn (its content plus the template's
+  end-of-turn tokens). A row SFT would drop (the final response does not fit ``max_len``;
+  the earliest prompt tokens are cut first) gets status ``too_long`` and null scores.
 * Batches are length-sorted and right-padded; log-probs are computed in fp32 over chunks
   of answer positions only, so the full [T, V] fp32 logits never exist.
 * CE uses the logits at t−1 for the token at t (the paper's script omits the shift).
 
-IFD (Cherry_LLM, Li et al. 2024, Eq. 4): IFD = s(A|Q) / s(A), where s(A) is the mean
-NLL of the same answer ids after only a short header ("Assistant: ").
+IFD (Cherry_LLM, Li et al. 2024, Eq. 4): IFD = s(A|Q) / s(A), where s(A) is the mean NLL of the
+same answer ids after the template's generation prompt for an empty user turn (the prompt
+without its content: :func:`effsft.corpus.tokenize.empty_prompt_ids`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
+from effsft.corpus.tokenize import empty_prompt_ids, encode_chats
 from effsft.models.parts import decoder_and_head, head_logits_fp32
 
 __all__ = [
     "STATUS_OK",
-    "STATUS_PROMPT_TOO_LONG",
+    "STATUS_TOO_LONG",
     "STATUS_BAD_MESSAGES",
-    "split_prompt_answer",
-    "render_default_template",
     "EncodedRow",
+    "encode_pairs",
     "encode_pair",
     "length_scores",
     "length_sorted_batches",
@@ -43,143 +44,71 @@ __all__ = [
 ]
 
 STATUS_OK = "ok"
-STATUS_PROMPT_TOO_LONG = "prompt_too_long"
+STATUS_TOO_LONG = "too_long"
 STATUS_BAD_MESSAGES = "bad_messages"
-DEFAULT_IFD_HEADER = "Assistant: "
 
 Message = Mapping[str, str]
-
-
-# ----------------------------------------------------------------------------- template
-def split_prompt_answer(messages: Sequence[Message]) -> tuple[list[Message], str]:
-    """Split canonical messages into Q (turns before the last assistant turn) and A.
-
-    Args:
-        messages: list of ``{"role": ..., "content": ...}``.
-
-    Returns:
-        ``(prior_turns, answer_text)``.
-
-    Raises:
-        ValueError: no assistant turn.
-    """
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
-        raise ValueError("messages have no assistant turn")
-    return list(messages[:last]), messages[last]["content"]
-
-
-def render_default_template(messages: Sequence[Message]) -> tuple[str, str]:
-    """Render LLaMA-Factory's ``default`` template as (Q text, A text).
-
-    LLaMA-Factory ``default``: system ``"{c}\\n"``, user ``"Human: {c}\\nAssistant:"``,
-    assistant ``"{c}"``, and the separator ``"\\n"`` after every earlier assistant turn.
-    The EOS that LLaMA-Factory appends to assistant turns is a special token; scoring uses
-    no special tokens inside the text, so earlier turns end with the separator only.
-
-    Args:
-        messages: canonical messages (roles system/user/assistant).
-
-    Returns:
-        ``(q_text, a_text)``; the answer is the last assistant turn's content.
-    """
-    prior, answer = split_prompt_answer(messages)
-    parts = []
-    for m in prior:
-        role, content = m["role"], m["content"]
-        if role == "system":
-            parts.append(f"{content}\n")
-        elif role == "user":
-            parts.append(f"Human: {content}\nAssistant:")
-        elif role == "assistant":
-            parts.append(f"{content}\n")
-        else:
-            raise ValueError(f"unsupported role {role!r}")
-    return "".join(parts), answer
-
-
-Template = Callable[[Sequence[Message]], tuple[str, str]]
 
 
 # ----------------------------------------------------------------------------- encoding
 @dataclass(frozen=True)
 class EncodedRow:
-    """Token ids of one row. ``answer_ids`` is already cut to fit ``max_len``."""
+    """Token ids of one row: Q (``prompt_ids``) and A (``answer_ids``, the labelled tokens)."""
 
     prompt_ids: list[int]
     answer_ids: list[int]
     status: str
-    answer_truncated: bool = False
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _through_last_answer(messages: Sequence[Message]) -> list[Message] | None:
+    """The turns up to and including the last assistant turn; None if it is missing or empty."""
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    if last is None or not str(messages[last].get("content") or "").strip():
+        return None
+    return list(messages[: last + 1])
 
 
-def _bos(tokenizer, add_bos: bool) -> list[int]:
-    return [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
-
-
-def encode_pair(
-    tokenizer,
-    messages: Sequence[Message],
-    max_len: int = 4096,
-    add_bos: bool = True,
-    template: Template = render_default_template,
-) -> EncodedRow:
-    """Tokenise Q and A separately; cut A at its tail so that |Q|+|A| ≤ max_len.
+def encode_pairs(tokenizer, messages_list: Sequence[Sequence[Message]], max_len: int = 4096) -> list[EncodedRow]:
+    """Q and A ids of each row by the template rule (``encode_chat(train_on="last")``).
 
     Returns:
-        EncodedRow with status ``ok``, ``prompt_too_long`` (no room for one answer token)
-        or ``bad_messages`` (no assistant turn, unknown role, empty answer).
+        One EncodedRow per row, status ``ok``, ``too_long`` (SFT would drop it too) or
+        ``bad_messages`` (no assistant turn, an empty answer, nothing before the answer).
     """
-    try:
-        q_text, a_text = template(messages)
-    except (ValueError, KeyError, TypeError):
-        return EncodedRow([], [], STATUS_BAD_MESSAGES)
-    prompt = _bos(tokenizer, add_bos) + _encode(tokenizer, q_text)
-    answer = _encode(tokenizer, a_text)
-    if not answer or not prompt:  # position 0 has no previous logits: Q must be non-empty
-        return EncodedRow(prompt, [], STATUS_BAD_MESSAGES)
-    room = max_len - len(prompt)
-    if room < 1:
-        return EncodedRow(prompt, [], STATUS_PROMPT_TOO_LONG)
-    return EncodedRow(prompt, answer[:room], STATUS_OK, answer_truncated=len(answer) > room)
+    convs = [_through_last_answer(m) for m in messages_list]
+    good = [i for i, c in enumerate(convs) if c is not None]
+    out = [EncodedRow([], [], STATUS_BAD_MESSAGES)] * len(convs)
+    for i, e in zip(good, encode_chats(tokenizer, [convs[i] for i in good], max_len, train_on="last")):
+        prompt, answer = e.input_ids[: e.n_prompt], e.input_ids[e.n_prompt:]
+        if e.too_long:
+            out[i] = EncodedRow([], [], STATUS_TOO_LONG)
+        elif not prompt or not answer:  # position 0 has no previous logits: Q must be non-empty
+            out[i] = EncodedRow(prompt, answer, STATUS_BAD_MESSAGES)
+        else:
+            out[i] = EncodedRow(prompt, answer, STATUS_OK)
+    return out
 
 
-def length_scores(
-    tokenizer, messages_list: Sequence[Sequence[Message]], template: Template = render_default_template
-) -> dict[str, np.ndarray]:
-    """Prompt / response / total token counts (no special tokens, no truncation).
+def encode_pair(tokenizer, messages: Sequence[Message], max_len: int = 4096) -> EncodedRow:
+    """:func:`encode_pairs` for one row."""
+    return encode_pairs(tokenizer, [messages], max_len)[0]
 
-    Every id counts, including id 0 (a real token in most BPE vocabularies; the paper's
-    count of non-zero ids drops it). Rows the template rejects get -1.
+
+def length_scores(tokenizer, messages_list: Sequence[Sequence[Message]]) -> dict[str, np.ndarray]:
+    """Prompt / response / total token counts under the template (no truncation).
+
+    The prompt count includes the template's scaffolding: these are the tokens the model reads.
+    Every id counts, including id 0 (a real token in most BPE vocabularies; the paper's count of
+    non-zero ids drops it). Rows that cannot be encoded get -1.
 
     Returns:
         ``{"prompt_tokens", "response_tokens", "total_tokens"}``, each [N] int64.
     """
-    q_texts, a_texts, ok = [], [], []
-    for msgs in messages_list:
-        try:
-            q, a = template(msgs)
-            ok.append(True)
-        except (ValueError, KeyError, TypeError):
-            q, a = "", ""
-            ok.append(False)
-        q_texts.append(q)
-        a_texts.append(a)
-    p, r = _batch_lengths(tokenizer, q_texts), _batch_lengths(tokenizer, a_texts)
-    bad = ~np.asarray(ok, bool)
-    p[bad], r[bad] = -1, -1
-    total = np.where(bad, -1, p + r)
-    return {"prompt_tokens": p, "response_tokens": r, "total_tokens": total}
-
-
-def _batch_lengths(tokenizer, texts: list[str]) -> np.ndarray:
-    """Token counts of texts in one batched tokenizer call. Returns [N] int64."""
-    if not texts:
-        return np.zeros(0, np.int64)
-    return np.array([len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]], np.int64)
+    rows = encode_pairs(tokenizer, messages_list, max_len=1 << 62)
+    ok = np.array([r.status == STATUS_OK for r in rows], bool)
+    p = np.where(ok, [len(r.prompt_ids) for r in rows], -1).astype(np.int64)
+    r = np.where(ok, [len(r.answer_ids) for r in rows], -1).astype(np.int64)
+    return {"prompt_tokens": p, "response_tokens": r, "total_tokens": np.where(ok, p + r, -1)}
 
 
 # ----------------------------------------------------------------------------- batching
@@ -324,32 +253,26 @@ def lm_score_rows(
     max_tokens: int | None = None,
     chunk_size: int = 1024,
     compute_ifd: bool = True,
-    ifd_header: str = DEFAULT_IFD_HEADER,
     drop_gt1: bool = True,
-    add_bos: bool = True,
-    template: Template = render_default_template,
 ) -> dict[str, np.ndarray]:
     """CE, PPL, entropy (and IFD) for a batch of rows; what a scorer actor's map calls.
 
     Args:
         model: HF causal LM in eval mode (any device / dtype).
-        tokenizer: its tokenizer.
+        tokenizer: its tokenizer, with the job's template installed (``load_tokenizer``).
         messages_list: N canonical conversations.
-        max_len: token limit for Q+A (A is cut at its tail).
+        max_len: token limit of a row (as ``tokenize.max_len`` in SFT).
         batch_size / max_tokens: length-sorted batching limits.
         chunk_size: answer positions per fp32 lm_head chunk.
-        compute_ifd: also run the header-only pass for s(A) and IFD.
-        ifd_header: text placed before A for s(A).
+        compute_ifd: also run the unconditioned pass for s(A) and IFD.
         drop_gt1: IFD ≥ 1 becomes null in ``ifd`` (``ifd_raw`` keeps it).
-        add_bos: prepend the tokenizer's BOS (if it has one) to both passes.
-        template: messages -> (Q text, A text).
 
     Returns:
         Columns, each [N]: ``ce``, ``ppl``, ``entropy`` (fp64, NaN = null),
-        ``n_tokens`` (scored answer tokens), ``answer_truncated`` (bool),
-        ``status`` (object str) and, with IFD, ``s_a``, ``ifd_raw``, ``ifd``.
+        ``n_tokens`` (scored answer tokens), ``status`` (object str) and, with IFD, ``s_a``,
+        ``ifd_raw``, ``ifd``.
     """
-    rows = [encode_pair(tokenizer, m, max_len, add_bos, template) for m in messages_list]
+    rows = encode_pairs(tokenizer, messages_list, max_len)
     ok = np.array([r.status == STATUS_OK for r in rows], bool)
     okx = np.flatnonzero(ok)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -362,14 +285,13 @@ def lm_score_rows(
         )
         out["ce"][okx], out["entropy"][okx], out["n_tokens"][okx] = ce, ent, cnt
     out["ppl"] = np.exp(out["ce"])
-    out["answer_truncated"] = np.array([r.answer_truncated for r in rows], bool)
     out["status"] = np.array([r.status for r in rows], dtype=object)
     if compute_ifd:
-        header = _bos(tokenizer, add_bos) + _encode(tokenizer, ifd_header)
+        header = empty_prompt_ids(tokenizer)
         s_a = np.full(n, np.nan)
         if len(okx):
-            # Same answer ids as the s(A|Q) pass; cut again only if the header needs room.
-            pairs = [(header, rows[i].answer_ids[: max_len - len(header)]) for i in okx]
+            # The same answer ids as the s(A|Q) pass (cut only if the header leaves no room).
+            pairs = [(header, rows[i].answer_ids[: max(1, max_len - len(header))]) for i in okx]
             s_a[okx] = _mean_nll_batched(model, pairs, pad_id, batch_size, max_tokens, chunk_size)[0]
         out["s_a"] = s_a
         out["ifd_raw"] = ifd_ratio(out["ce"], s_a, drop_gt1=False)

@@ -193,7 +193,8 @@ def _scorer_for(cfg: SelectConfig, score: str, model_path: str | None = None, ex
 
     sc = cfg.scorer
     m = cfg.model
-    common = dict(trust_remote_code=bool(m and m.trust_remote_code), threads=sc.threads)
+    common = dict(trust_remote_code=bool(m and m.trust_remote_code), threads=sc.threads,
+                  template=m.template if m else "auto")
     if score == "length":
         return "length", scorers.LengthScorer, dict(model_path=m.path, **common)
     if score in ("ce", "ppl", "entropy", "ifd"):
@@ -293,7 +294,8 @@ def less_warmup(cfg: SelectConfig, cache: Path, shards: list[Path], ranks: np.nd
     n_warm = max(1, int(round(le.warmup_fraction * len(ranks))))
     warm_idx = np.sort(order[:n_warm])
     hold_idx = np.sort(order[n_warm:n_warm + le.target_rows]) if le.target == "holdout" else np.zeros(0, np.int64)
-    blob = json.dumps({"corpus": corpus_fp, "model": model_fp, "less": le.model_dump(), "seed": cfg.seed},
+    blob = json.dumps({"corpus": corpus_fp, "model": model_fp, "less": le.model_dump(), "seed": cfg.seed,
+                       "template": cfg.model.template},
                       sort_keys=True)
     out = OutputDir(cache / f"less-{hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()}", overwrite=True)
     if not out.done:
@@ -328,7 +330,7 @@ def _less_task(model_path, warm_msgs, tgt_msgs, groups, work, settings, cfg: Sel
     return less.prepare_checkpoints(
         model_path, warm_msgs, tgt_msgs, groups, work, settings, proj_dim=cfg.less.proj_dim,
         proj_seed=cfg.less.proj_seed, device=scorers._device("auto"), method=cfg.less.grad_method,
-        trust_remote_code=bool(cfg.model.trust_remote_code))
+        trust_remote_code=bool(cfg.model.trust_remote_code), template=cfg.model.template)
 
 
 def less_scores(cfg: SelectConfig, cache: Path, shards: list[Path], ids_by_shard: list[pa.Array],
@@ -628,7 +630,8 @@ def needed_scores(cfg: SelectConfig) -> list[str]:
 
 
 def run_select(cfg: SelectConfig) -> dict:
-    from effsft.report.manifest import fingerprint, write_manifest
+    from effsft.models.loading import describe_model
+    from effsft.report.manifest import write_manifest
     from effsft.report.plots import md_table, write_report
     from effsft.select.ranking import random_rank
     from effsft.select.selectit import model_level_score
@@ -719,8 +722,7 @@ def run_select(cfg: SelectConfig) -> dict:
     if less_details:
         details["less"] = less_details
     write_manifest(work, "select", to_dict(cfg), inputs={"corpus": {"path": cfg.input.path,
-                   "fingerprint": corpus_fp}, "model": {"path": cfg.model.path, "fingerprint":
-                   fingerprint(cfg.model.path)} if cfg.model else None},
+                   "fingerprint": corpus_fp}, "model": describe_model(cfg.model) if cfg.model else None},
                    counts=counts, metrics=metrics, timings=timings,
                    extra={"method": cfg.method, "seed": cfg.seed, "budget": budget,
                           "method_details": details, "scoring": scoring,

@@ -46,10 +46,10 @@ class LengthScorer:
 
     columns = ("score_length_prompt", "score_length_response", "score_length_total")
 
-    def __init__(self, model_path: str, trust_remote_code: bool = False, **_: Any):
+    def __init__(self, model_path: str, trust_remote_code: bool = False, template: str = "auto", **_: Any):
         from effsft.models.loading import load_tokenizer
 
-        self.tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+        self.tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code, template=template)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from effsft.select.lm_scores import length_scores
@@ -69,12 +69,13 @@ class LMScorer:
 
     def __init__(self, model_path: str, dtype: str = "auto", device: str = "auto", max_len: int = 4096,
                  micro_batch_size: int = 8, ifd: bool = False, drop_gt1: bool = True,
-                 trust_remote_code: bool = False, threads: int | None = None, **_: Any):
+                 trust_remote_code: bool = False, threads: int | None = None, template: str = "auto",
+                 **_: Any):
         from effsft.models.loading import load_model, load_tokenizer
 
         _threads(threads)
         dev = _device(device)
-        self.tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+        self.tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code, template=template)
         self.model = load_model(model_path, dtype=dtype, device=dev, trust_remote_code=trust_remote_code)
         self.kw = dict(max_len=max_len, batch_size=micro_batch_size, compute_ifd=ifd, drop_gt1=drop_gt1)
 
@@ -98,11 +99,11 @@ class SelectITScorer:
 
     def __init__(self, model_path: str, dtype: str = "auto", device: str = "auto", alpha: float = 0.2,
                  max_tokens: int = 8192, micro_batch_size: int = 8, trust_remote_code: bool = False,
-                 threads: int | None = None, **_: Any):
+                 threads: int | None = None, template: str = "auto", **_: Any):
         from effsft.models.loading import load_model, load_tokenizer
 
         _threads(threads)
-        self.tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+        self.tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code, template=template)
         self.model = load_model(model_path, dtype=dtype, device=_device(device),
                                 trust_remote_code=trust_remote_code)
         self.kw = dict(alpha=alpha, max_tokens=max_tokens, batch_size=micro_batch_size)
@@ -138,12 +139,13 @@ class ZipGScorer:
 
 class EmbedScorer:
     """Row embeddings: ``lexical`` (hashed n-grams, CPU), ``sentence_transformers`` (a local
-    directory, e.g. all-MiniLM-L6-v2) or ``lm`` (masked mean of an LM's last hidden state)."""
+    directory, e.g. all-MiniLM-L6-v2), both on ``role: content`` text, or ``lm`` (masked mean of
+    an LM's last hidden state over the conversation rendered with the job's template)."""
 
     def __init__(self, kind: str = "lexical", model_path: str | None = None, dim: int = 64, seed: int = 0,
                  device: str = "auto", max_len: int = 512, micro_batch_size: int = 32, dtype: str = "auto",
                  normalize: bool = True, trust_remote_code: bool = False, threads: int | None = None,
-                 **_: Any):
+                 template: str = "auto", **_: Any):
         from effsft.select import embed
 
         _threads(threads)
@@ -156,7 +158,7 @@ class EmbedScorer:
         elif kind == "lm":
             from effsft.models.loading import load_model, load_tokenizer
 
-            self.tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+            self.tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code, template=template)
             self.model = load_model(model_path, dtype=dtype, device=_device(device),
                                     trust_remote_code=trust_remote_code)
         else:
@@ -165,15 +167,19 @@ class EmbedScorer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from effsft.select import embed
 
-        texts = [embed.messages_to_text(m) for m in _messages(batch)]
         if self.kind == "lm":
             import torch
 
+            from effsft.corpus.tokenize import render
+
+            # The LM sees the conversation as every other job renders it (the template rule).
+            texts = [render(self.tok, m) for m in _messages(batch)]
             seqs = [(self.tok(t, add_special_tokens=False)["input_ids"][: self.max_len] or [0]) for t in texts]
             with torch.no_grad():
                 x = embed.lm_embed(self.model, seqs, pad_id=self.tok.pad_token_id or 0,
                                    batch_size=self.mbs, normalize=self.normalize)
         else:
+            texts = [embed.messages_to_text(m) for m in _messages(batch)]
             x = self.enc.encode(texts)
         return pa.table({"id": batch.column("id"),
                          "status": pa.array([STATUS_OK] * batch.num_rows, pa.string()),
@@ -190,12 +196,12 @@ class LessScorer:
                  target_modules: list, proj_dim: int, proj_seed: int, projector_checksum: str,
                  max_len: int = 2048, micro_batch_size: int = 8, grad_method: str = "vmap",
                  device: str = "auto", trust_remote_code: bool = False, threads: int | None = None,
-                 **_: Any):
+                 template: str = "auto", **_: Any):
         from effsft.models.loading import load_model, load_tokenizer
         from effsft.select import less
 
         _threads(threads)
-        self.tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+        self.tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code, template=template)
         base = load_model(model_path, dtype="float32", device=_device(device), trust_remote_code=trust_remote_code)
         lora = less.LoraSettings(r=lora_r, alpha=lora_alpha, target_modules=tuple(target_modules))
         self.model, self.ckpt = less.load_checkpoint(base, checkpoint, lora)

@@ -56,7 +56,7 @@ RATING_PROMPTS: tuple[str, ...] = (
 Message = Mapping[str, str]
 STATUS_OK = "ok"
 STATUS_BAD_MESSAGES = "bad_messages"
-STATUS_PROMPT_TOO_LONG = "prompt_too_long"
+STATUS_TOO_LONG = "too_long"
 STATUS_ERROR = "error"
 
 
@@ -82,9 +82,22 @@ def conversation_pairs(messages: Sequence[Message]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _prompt_text(rating_prompt: str, pairs: Sequence[tuple[str, str]]) -> str:
+ANSWER_LEAD = "The answer is: "
+
+
+def prompt_text(tokenizer, rating_prompt: str, pairs: Sequence[tuple[str, str]]) -> str:
+    """The rating request as a user turn of the job's template, the reply begun with
+    ``"The answer is: "`` (so the next token is the digit).
+
+    SelectIT's prompt is the rating line, ``\\nInstruction: q\\nResponse: a`` per pair and
+    ``\\nThe answer is: ``; with a chat model the request belongs in the user turn and the lead
+    in the model's own reply, rendered by the same template rule as every other job.
+    """
+    from effsft.corpus.tokenize import render
+
     body = "".join(f"\nInstruction: {q}\nResponse: {a}" for q, a in pairs)
-    return f"{rating_prompt}{body}\nThe answer is: "
+    turn = [{"role": "user", "content": f"{rating_prompt}{body}"}]
+    return render(tokenizer, turn, add_generation_prompt=True) + ANSWER_LEAD
 
 
 def build_prompt_ids(
@@ -92,7 +105,6 @@ def build_prompt_ids(
     rating_prompt: str,
     pairs: Sequence[tuple[str, str]],
     max_tokens: int = 8192,
-    add_special_tokens: bool = True,
 ) -> tuple[list[int] | None, bool]:
     """Token ids of the rating prompt; drops the earliest pairs above ``max_tokens``.
 
@@ -100,7 +112,7 @@ def build_prompt_ids(
         ``(ids, truncated)``; ``ids`` is None if even the last pair alone is too long.
     """
     for start in range(len(pairs)):
-        ids = tokenizer(_prompt_text(rating_prompt, pairs[start:]), add_special_tokens=add_special_tokens)["input_ids"]
+        ids = tokenizer(prompt_text(tokenizer, rating_prompt, pairs[start:]), add_special_tokens=False)["input_ids"]
         if len(ids) <= max_tokens:
             return list(ids), start > 0
     return None, True
@@ -197,7 +209,7 @@ def selectit_score_rows(
 
     Returns:
         ``s_sent`` [N] float64 (NaN = null), ``s_tok`` [N, K], ``truncated`` [N] bool,
-        ``status`` [N] object (ok, bad_messages, prompt_too_long, error).
+        ``status`` [N] object (ok, bad_messages, too_long, error).
     """
     digit_ids = list(digit_ids) if digit_ids is not None else resolve_digit_ids(tokenizer, n_levels)
     N, K = len(messages_list), len(prompts)
@@ -214,7 +226,7 @@ def selectit_score_rows(
         for k, prompt in enumerate(prompts):
             ids, trunc = build_prompt_ids(tokenizer, prompt, pairs, max_tokens)
             if ids is None:
-                status[i] = STATUS_PROMPT_TOO_LONG
+                status[i] = STATUS_TOO_LONG
                 break
             truncated[i] |= trunc
             row.append((i, k, ids))

@@ -79,7 +79,7 @@ def _data(cfg: SFTConfig, work):
     return tokenised_dataset(worker_path(cfg.data.path), cfg.data.normalize_options(), worker_path(cfg.model.path),
                              cfg.tokenize.max_len, cfg.tokenize.train_on, cfg.tokenize.truncation,
                              split=cfg.data.split, trust_remote_code=cfg.model.trust_remote_code,
-                             rejects_path=work / "rejects.parquet")
+                             rejects_path=work / "rejects.parquet", template=cfg.model.template)
 
 
 def total_steps(cfg: SFTConfig, rows: int) -> int:
@@ -131,7 +131,8 @@ def _report(cfg: SFTConfig, work, rows: list[dict], counts: dict, summary: dict)
 
 def run_sft(cfg: SFTConfig) -> dict:
     """Set up, fit, write manifest + report, commit the output directory."""
-    from effsft.report.manifest import fingerprint, write_manifest
+    from effsft.models.loading import describe_model
+    from effsft.report.manifest import write_manifest
     from effsft.sft.loss import check_method
     from effsft.train.loop import METRICS_FILE, read_metrics
     from effsft.train.trainer import fit
@@ -148,7 +149,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         summary = fit(_loop_spec(cfg, steps, work), ds, work / "checkpoints", name="train")
     rows = read_metrics(work / METRICS_FILE)
     _report(cfg, work, rows, counts, summary)
-    inputs = {"model": {"path": cfg.model.path, "fingerprint": fingerprint(cfg.model.path)},
+    inputs = {"model": describe_model(cfg.model),
               "data": {"path": cfg.data.path}}
     metrics = {**summary, "first_loss": rows[0]["loss"] if rows else None}
     write_manifest(work, "sft", to_dict(cfg), inputs=inputs, counts={**counts, "steps": steps},

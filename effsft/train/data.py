@@ -22,23 +22,23 @@ STATUS = ("ok", "rejected", "too_long", "no_response")
 _TOKENIZERS: dict = {}  # per Ray worker process: one tokenizer load per path
 
 
-def _tokenizer(path: str, trust_remote_code: bool):
-    key = (path, trust_remote_code)
+def _tokenizer(path: str, trust_remote_code: bool, template: str):
+    key = (path, trust_remote_code, template)
     if key not in _TOKENIZERS:
         from effsft.models.loading import load_tokenizer
 
-        _TOKENIZERS[key] = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        _TOKENIZERS[key] = load_tokenizer(path, trust_remote_code=trust_remote_code, template=template)
     return _TOKENIZERS[key]
 
 
 def tokenize_table(batch: pa.Table, tokenizer_path: str, max_len: int, train_on: str,
-                   truncation: str, trust_remote_code: bool = False) -> pa.Table:
+                   truncation: str, trust_remote_code: bool = False, template: str = "auto") -> pa.Table:
     """Ray Data ``map_batches`` fn: canonical (or normalised) rows -> token columns + status.
 
     Rows that are not ``ok`` keep what ``rejects.parquet`` (:data:`~effsft.corpus.schema.REJECTS_SCHEMA`) needs
     (where the row came from, why, and the raw bytes of a row the normaliser rejected).
     """
-    tok = _tokenizer(tokenizer_path, trust_remote_code)
+    tok = _tokenizer(tokenizer_path, trust_remote_code, template)
     n = batch.num_rows
     names = batch.column_names
     rejected = batch.column("reject_reason").to_pylist() if "reject_reason" in names else [None] * n
@@ -126,7 +126,7 @@ def _not_ok(t: pa.Table) -> pa.Table:
 def tokenised_dataset(path: str, normalize_options, tokenizer_path: str, max_len: int,
                       train_on: str = "all", truncation: str = "left", split: str = "train",
                       trust_remote_code: bool = False, num_cpus: float = 0.5,
-                      rejects_path=None):
+                      rejects_path=None, template: str = "auto"):
     """Tokenise a corpus on Ray Data; return ``(dataset of ok rows, counts)``.
 
     ``counts`` has ``rows_in``, one entry per status, ``truncated`` (prompt cut from the left,
@@ -138,7 +138,8 @@ def tokenised_dataset(path: str, normalize_options, tokenizer_path: str, max_len
     ds = source_dataset(path, normalize_options, split).map_batches(
         tokenize_table, batch_format="pyarrow", num_cpus=num_cpus, batch_size=256,
         fn_kwargs=dict(tokenizer_path=str(tokenizer_path), max_len=max_len, train_on=train_on,
-                       truncation=truncation, trust_remote_code=trust_remote_code)).materialize()
+                       truncation=truncation, trust_remote_code=trust_remote_code,
+                       template=template)).materialize()
     status = {s: 0 for s in STATUS}
     truncated = 0
     for b in ds.select_columns(["status", "truncated"]).iter_batches(batch_format="pyarrow",

@@ -90,6 +90,7 @@ class LoopSpec:
     dtype: str = "auto"
     trust_remote_code: bool = False
     attn_implementation: Optional[str] = None
+    template: str = "auto"        # model.template: the saved tokenizer carries the one trained with
     step_source: Optional[StepSource] = None   # None: micro-batches from the "train" dataset shard
 
     @classmethod
@@ -100,7 +101,7 @@ class LoopSpec:
         return cls(model_path=worker_path(m.path), train=train or cfg.train, lora=lora or LoraSpec(),
                    fault=cfg.fault, loss_fn=loss_fn, total_steps=total_steps, out_dir=str(out_dir),
                    dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-                   attn_implementation=m.attn_implementation, step_source=step_source)
+                   attn_implementation=m.attn_implementation, template=m.template, step_source=step_source)
 
 
 class LossModule(torch.nn.Module):
@@ -296,7 +297,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     dtype = resolve_dtype(spec.dtype, device)
     t_setup = time.perf_counter()
     torch.manual_seed(tr.seed)  # identical LoRA init on every rank
-    tok = load_tokenizer(spec.model_path, trust_remote_code=spec.trust_remote_code)
+    tok = load_tokenizer(spec.model_path, trust_remote_code=spec.trust_remote_code, template=spec.template)
     model = load_trainable_model(spec.model_path, dtype, spec.lora, spec.trust_remote_code,
                                  spec.attn_implementation, tr.gradient_checkpointing)
     engine = build_engine(LossModule(model, spec.loss_fn), tr, spec.total_steps,

@@ -134,20 +134,25 @@ def test_distributed_equals_single_process_and_naive():
 
 
 # ----------------------------------------------------------------------------- model side
-class CharTokenizer:
-    """Offline stub: one id per character (ids 3..130), bos 1, pad 0."""
+_TOK = None
 
-    bos_token_id, pad_token_id, eos_token_id = 1, 0, 2
 
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [3 + (ord(c) % 128) for c in text]}
+def char_tokenizer():
+    """A real offline byte-level BPE with no merges beyond its 300-id vocabulary."""
+    global _TOK
+    if _TOK is None:
+        from effsft.models.tiny import build_tokenizer
+
+        _TOK = build_tokenizer([_msgs(i)[0]["content"] + _msgs(i)[1]["content"] for i in range(50)],
+                               vocab_size=300)
+    return _TOK
 
 
 def _tiny_llama(seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=136, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    cfg = LlamaConfig(vocab_size=len(char_tokenizer()), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
                       attn_implementation="eager")  # eager: vmap has batching rules for all of it
     return LlamaForCausalLM(cfg).eval()
@@ -168,7 +173,7 @@ def test_per_example_grads_equal_single_example_backward():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.2)  # B = 0 at init would make A's gradient zero
     names = less.trainable_names(model)
-    rows, status = less.encode_rows(CharTokenizer(), [_msgs(i) for i in (1, 22, 333)], max_len=64)
+    rows, status = less.encode_rows(char_tokenizer(), [_msgs(i) for i in (1, 22, 333)], max_len=64)
     assert status == ["ok"] * 3
     ids, labels, _ = less._collate(rows, 0)
     for method in ("vmap", "loop"):
@@ -184,7 +189,7 @@ def test_per_example_grads_equal_single_example_backward():
 def test_warmup_checkpoints_and_features(tmp_path):
     from effsft.train.schedule import lr_factor
 
-    tok = CharTokenizer()
+    tok = char_tokenizer()
     s = less.WarmupSettings(lora=LORA, epochs=2, lr=1e-3, warmup_ratio=0.25, batch_size=4,
                             micro_batch_size=2, max_len=64, seed=0)
     paths = less.less_warmup(_tiny_llama(), tok, [_msgs(i) for i in range(10)], tmp_path, s)

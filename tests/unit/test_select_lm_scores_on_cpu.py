@@ -8,6 +8,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from effsft.corpus.tokenize import encode_chat, render
 from effsft.select import lm_scores as L
 
 TEXTS = [
@@ -65,23 +66,37 @@ def _hand_mean_nll(model, prefix, answer, shift=True):
     return sum(terms) / len(terms)
 
 
-def test_template_default():
-    q, a = L.render_default_template(CONVS[1])
-    assert q == "System line\nHuman: name a colour\nAssistant:blue\nHuman: another?\nAssistant:"
-    assert a == "maybe red, or the lazy dog!"
-    with pytest.raises(ValueError):
-        L.split_prompt_answer([{"role": "user", "content": "hi"}])
+def _reference_pair(tok, conv):
+    """Q / A ids the plain way: render with the chat template, A = what follows the
+    generation prompt of the turns before the last answer."""
+    full = tok(render(tok, conv), add_special_tokens=False)["input_ids"]
+    prompt = tok(render(tok, conv[:-1], add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    assert full[: len(prompt)] == prompt
+    return prompt, full[len(prompt):]
+
+
+def test_pairs_follow_the_template_rule(tok):
+    for conv in CONVS:
+        enc = L.encode_pair(tok, conv)
+        assert (enc.prompt_ids, enc.answer_ids) == _reference_pair(tok, conv)
+        sft = encode_chat(tok, conv, 4096, train_on="last")  # the tokens SFT trains on
+        assert enc.prompt_ids + enc.answer_ids == sft.input_ids
+        assert enc.answer_ids == [y for y in sft.labels if y != -100]
+    text = tok.decode(L.encode_pair(tok, CONVS[1]).answer_ids)
+    assert text == "maybe red, or the lazy dog!</s>\n"  # the default template's end of turn
+    for bad in ([{"role": "user", "content": "hi"}], [{"role": "user", "content": "hi"},
+                                                      {"role": "assistant", "content": "  "}]):
+        assert L.encode_pair(tok, bad).status == L.STATUS_BAD_MESSAGES
 
 
 def test_length_counts_id_zero(tok):
     assert tok.convert_tokens_to_ids("!") == 0
     out = L.length_scores(tok, CONVS)
     for i, conv in enumerate(CONVS):
-        q, a = L.render_default_template(conv)
-        qi, ai = tok.encode(q, add_special_tokens=False), tok.encode(a, add_special_tokens=False)
+        qi, ai = _reference_pair(tok, conv)
         assert out["prompt_tokens"][i] == len(qi) and out["response_tokens"][i] == len(ai)
         assert out["total_tokens"][i] == len(qi) + len(ai)
-    assert 0 in tok.encode(L.render_default_template(CONVS[0])[1], add_special_tokens=False)
+    assert 0 in _reference_pair(tok, CONVS[0])[1]
 
 
 def test_ce_matches_hand_loop_and_not_unshifted(model, tok):
@@ -115,7 +130,10 @@ def test_uniform_logits_entropy_is_log_v(tok):
 
 def test_ifd_is_ratio_of_hand_means(model, tok):
     out = L.lm_score_rows(model, tok, CONVS, drop_gt1=False)
-    header = [tok.bos_token_id] + tok.encode("Assistant: ", add_special_tokens=False)
+    # s(A): the same answer ids after the template's prompt with an empty user turn
+    header = tok(render(tok, [{"role": "user", "content": ""}], add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"]
+    assert tok.decode(header) == "Human: \nAssistant:\n"
     for i, conv in enumerate(CONVS):
         enc = L.encode_pair(tok, conv)
         s_aq = _hand_mean_nll(model, enc.prompt_ids, enc.answer_ids)
@@ -131,15 +149,17 @@ def test_ifd_drop_gt1_and_nonpositive():
     assert list(r[:2]) == [0.5, 2.0] and np.isnan(r[2])
 
 
-def test_truncation_and_prompt_too_long(model, tok):
-    conv = CONVS[2]
+def test_truncation_is_sfts_rule(model, tok):
+    conv = CONVS[1]
     full = L.encode_pair(tok, conv, max_len=4096)
-    cut = L.encode_pair(tok, conv, max_len=len(full.prompt_ids) + 3)
-    assert cut.status == "ok" and cut.answer_ids == full.answer_ids[:3] and cut.answer_truncated
-    too_long = L.encode_pair(tok, conv, max_len=len(full.prompt_ids))
-    assert too_long.status == L.STATUS_PROMPT_TOO_LONG
-    out = L.lm_score_rows(model, tok, [conv, CONVS[0]], max_len=len(full.prompt_ids))
-    assert out["status"][0] == L.STATUS_PROMPT_TOO_LONG and np.isnan(out["ce"][0]) and np.isnan(out["ifd"][0])
+    n = len(full.prompt_ids) + len(full.answer_ids)
+    cut = L.encode_pair(tok, conv, max_len=n - 3)  # the earliest prompt tokens go, the answer stays
+    assert cut.status == "ok" and cut.answer_ids == full.answer_ids and cut.prompt_ids == full.prompt_ids[3:]
+    too_long = L.encode_pair(tok, conv, max_len=len(full.answer_ids) - 1)
+    assert too_long.status == L.STATUS_TOO_LONG == "too_long"
+    assert encode_chat(tok, conv, len(full.answer_ids) - 1, train_on="last").too_long  # SFT drops it too
+    out = L.lm_score_rows(model, tok, [conv, CONVS[0]], max_len=len(full.answer_ids) - 1)
+    assert out["status"][0] == L.STATUS_TOO_LONG and np.isnan(out["ce"][0]) and np.isnan(out["ifd"][0])
 
 
 def test_length_sorted_batches_cover_all():
