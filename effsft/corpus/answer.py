@@ -62,12 +62,13 @@ _SIMPLE = re.compile(r"-?[\w.]+")
 _WRAPPERS = " \t\r\n$*`\"'\u201c\u201d\u2018\u2019"
 _TRAILING = ".,;:!?"
 _THOUSANDS = re.compile(r"(?<![\d,])\d{1,3}(?:,\d{3})+(?![\d])(?!,\d)")
-# A number: not glued after a letter, digit, underscore or decimal point, nor after a hyphen
-# that follows a letter (``COVID-19``). Thousands groups are tried before plain digit runs.
+# A number: not glued after a letter, digit or underscore, nor continuing a dotted run
+# (``v1.2.3``), nor after a hyphen that follows a letter (``COVID-19``). Thousands groups are
+# tried before plain digit runs.
 _NUMBER = re.compile(
-    r"(?<![\w.])(?<![A-Za-z]-)"
+    r"(?<!\w)(?<!\d\.)(?<![A-Za-z]-)"
     r"(?:[-+\u2212](?=\.?\d))?"
-    r"(?:\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d+/\d+(?!\.?\d)|\d+(?:\.\d+)?|\.\d+)"
+    r"(?:\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d+/\d+(?!\.?\d)|\d+(?:\.\d+)?|(?<!\.)\.\d+)"
 )
 _NUMERIC = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?\d+/\d+")
 _LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")

@@ -82,6 +82,8 @@ def test_answer_prefix_match(completion, gold, ignore_case, expected):
     ("I used gpt4 for this", None),
     ("COVID-19 started then", None),
     ("version v1.2.3", None),
+    ("So the answer is...42", "42"),
+    ("Release 3.5.1 is out", "3.5"),
     ("no numbers here", None),
     ("", None),
     ("10 - 3 = 7\n\nSo 7 remain.\n", "7"),
@@ -400,3 +402,17 @@ def test_math_verify_missing_package_names_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "math_verify" else real(n, *a))
     with pytest.raises(ImportError, match=r"effsft\[math\]"):
         AnswerRule("boxed", math_verify=True)
+
+
+def test_answer_prefix_scores_the_synthetic_corpus_as_its_labels_say():
+    """Normalisation must neither reject a clean synth answer nor accept a noisy one."""
+    import json
+
+    from effsft.corpus.synth import SynthSettings, heldout_rows, train_rows
+
+    s = SynthSettings(rows=1500, noise=0.3, dup=0.0, seed=7)
+    for e in heldout_rows(s, 100, "eval"):
+        assert PREFIX.match(e["response"], e["answer"]), e
+    for r in train_rows(s):
+        meta = json.loads(r["meta"])
+        assert PREFIX.match(r["messages"][-1]["content"], meta["answer"]) is not meta["noisy"], (r, meta)
