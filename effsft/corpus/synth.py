@@ -191,15 +191,6 @@ def _response(steps: str, answer: str) -> str:
     return f"{steps}\nAnswer: {answer}" if steps else f"Answer: {answer}"
 
 
-def extract_answer(text: str) -> str | None:
-    """The exact-match target of a response: the text after the last ``Answer:``."""
-    i = text.rfind("Answer:")
-    if i < 0:
-        return None
-    rest = text[i + len("Answer:"):].strip()
-    return rest.splitlines()[0].strip() if rest else ""
-
-
 def _garbage(rng: random.Random, prompt: str) -> list[dict]:
     kind = rng.randrange(4)
     if kind == 0:

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from effsft.corpus.synth import extract_answer
+from effsft.corpus.answer import AnswerRule
 from effsft.corpus.tokenize import IGNORE_INDEX, collate, encode_chat, encode_prompt
 
 
@@ -76,12 +76,15 @@ def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[dict]], max_new
 
 
 def exact_match(model, tokenizer, rows: Sequence[dict], max_new_tokens: int = 64,
-                batch_size: int = 16, progress: bool = False) -> dict:
-    """Accuracy of ``extract_answer(generation) == row['answer']`` on eval rows.
+                batch_size: int = 16, progress: bool = False, *,
+                rule: AnswerRule | None = None) -> dict:
+    """Accuracy of ``rule.match(generation, row['answer'])`` on eval rows.
 
     Each row has ``messages`` (the prompt turns; a trailing assistant turn is ignored),
-    ``answer`` and optionally ``task``. Returns overall and per-task accuracy plus samples.
+    ``answer`` and optionally ``task``. ``rule`` defaults to ``AnswerRule()`` (the text after
+    the last ``Answer:``). Returns overall and per-task accuracy plus samples.
     """
+    rule = AnswerRule() if rule is None else rule
     prompts = [[m for m in r["messages"] if m["role"] != "assistant"] or r["messages"][:1]
                for r in rows]
     gens = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
@@ -89,12 +92,12 @@ def exact_match(model, tokenizer, rows: Sequence[dict], max_new_tokens: int = 64
     correct = 0
     samples = []
     for r, p, g in zip(rows, prompts, gens):
-        ok = int(extract_answer(g) == str(r["answer"]).strip())
+        ok = int(rule.match(g, str(r["answer"])))
         correct += ok
         per_task.setdefault(r.get("task") or "all", []).append(ok)
         if len(samples) < 10:
-            samples.append({"prompt": p[-1]["content"][:200],
-                            "generation": g[:200], "answer": r["answer"], "correct": bool(ok)})
+            samples.append({"prompt": p[-1]["content"][:200], "generation": g[:200],
+                            "extracted": rule.extract(g), "answer": r["answer"], "correct": bool(ok)})
     return {"accuracy": correct / max(1, len(rows)), "n": len(rows),
             "per_task": {t: sum(v) / len(v) for t, v in sorted(per_task.items())},
             "samples": samples}

@@ -8,68 +8,22 @@ in the advantage statistics). Functions are named in configs as ``"pkg.mod:calla
 from __future__ import annotations
 
 import importlib
-import re
-from fractions import Fraction
 from typing import Callable
+
+from effsft.corpus.answer import AnswerRule
 
 RewardFn = Callable[..., list]
 
-_BOXED = "\\boxed{"
-_HASHES = re.compile(r"####\s*([^\n]*)")
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
-_FRAC = re.compile(r"\\d?frac\{([^{}]*)\}\{([^{}]*)\}")
+# math_exact_match's precedence: a boxed answer, else a GSM8K "#### x" line, else the last number.
+_MATH_CHAIN = (AnswerRule("boxed"), AnswerRule("gsm8k"), AnswerRule("last_number"))
 
 
-def _last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (braces may nest), or None."""
-    start = text.rfind(_BOXED)
-    if start < 0:
-        return None
-    i, depth = start + len(_BOXED), 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j]
-    return None  # unbalanced: treat as absent
-
-
-def extract_answer(text: str) -> str | None:
-    """Final answer of a solution: last ``\\boxed{}``, else ``#### x``, else the last number."""
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed
-    hashes = _HASHES.findall(text)
-    if hashes:
-        return hashes[-1]
-    numbers = _NUMBER.findall(text)
-    return numbers[-1] if numbers else None
-
-
-def normalize_answer(ans: str) -> str:
-    """Strip whitespace, ``$``, thousands separators and a trailing period; ``\\frac{a}{b}`` -> ``a/b``."""
-    s = ans.replace("$", "").strip()
-    s = _FRAC.sub(r"\1/\2", s)
-    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
-    s = s.rstrip(".").strip()
-    return re.sub(r"\s+", "", s)
-
-
-def _as_rational(s: str) -> Fraction | None:
-    try:
-        return Fraction(s)
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def answers_match(pred: str | None, ref: str | None) -> bool:
-    """Exact rational equality when both parse as numbers, else normalised string equality."""
-    if pred is None or ref is None:
-        return False
-    p, r = normalize_answer(pred), normalize_answer(ref)
-    pq, rq = _as_rational(p), _as_rational(r)
-    if pq is not None and rq is not None:
-        return pq == rq
-    return p == r
+def _first_answer(text: str) -> str | None:
+    for rule in _MATH_CHAIN:
+        found = rule.extract(text)
+        if found is not None:
+            return found
+    return None
 
 
 def _text(completion) -> str:
@@ -86,6 +40,10 @@ def _text(completion) -> str:
 def math_exact_match(prompts, completions, answer, **kwargs) -> list[float | None]:
     """1.0 when the completion's final answer equals the reference answer, else 0.0.
 
+    The final answer, of the completion and of the reference alike, is the last ``\\boxed{}``,
+    else the ``#### x`` line, else the last number; a reference with none is compared whole.
+    Equality is :meth:`AnswerRule.equivalent` (exact rationals, else normalised strings).
+
     Args:
         prompts: unused (kept for the reward-function signature).
         completions: N completions (strings or chat message lists).
@@ -99,12 +57,30 @@ def math_exact_match(prompts, completions, answer, **kwargs) -> list[float | Non
         if ref is None:
             out.append(None)
             continue
-        ref_text = str(ref)
-        ref_ans = extract_answer(ref_text)
+        ref_text = str(ref).strip()
+        ref_ans = _first_answer(ref_text)
         if ref_ans is None:  # a bare reference like "yes" has no number: compare it whole
             ref_ans = ref_text
-        out.append(1.0 if answers_match(extract_answer(_text(comp)), ref_ans) else 0.0)
+        out.append(1.0 if _MATH_CHAIN[0].equivalent(_first_answer(_text(comp)), ref_ans) else 0.0)
     return out
+
+
+def exact_match_reward(rule: AnswerRule) -> RewardFn:
+    """A reward function scoring 1.0 when ``rule.match(completion, answer)``, else 0.0.
+
+    Args:
+        rule: how to extract and compare answers.
+
+    Returns:
+        ``f(prompts, completions, answer, **kwargs) -> list[float | None]`` (completions as
+        strings or chat message lists; a missing reference answer gives None).
+    """
+    def reward(prompts, completions, answer, **kwargs) -> list[float | None]:
+        return [None if ref is None else float(rule.match(_text(comp), str(ref)))
+                for comp, ref in zip(completions, answer, strict=True)]
+
+    reward.__name__ = f"exact_match_{rule.format}"  # TRL logs rewards under the function's name
+    return reward
 
 
 BUILTIN_REWARDS: dict[str, RewardFn] = {"math_exact_match": math_exact_match}

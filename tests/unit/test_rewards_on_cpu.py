@@ -1,8 +1,9 @@
-"""math_exact_match and the reward-function resolver."""
+"""math_exact_match, exact_match_reward and the reward-function resolver."""
 
 import pytest
 
-from effsft.grpo.rewards import extract_answer, load_reward_fn, math_exact_match
+from effsft.corpus.answer import AnswerRule
+from effsft.grpo.rewards import exact_match_reward, load_reward_fn, math_exact_match
 
 
 @pytest.mark.parametrize("completion,answer,expected", [
@@ -28,10 +29,28 @@ def test_chat_completions_and_missing_reference():
     assert math_exact_match(["a", "b"], comps, answer=["2", None]) == [1.0, None]
 
 
-def test_extract_order():
-    assert extract_answer("12 then\n#### 5\nthen 9") == "5"  # #### (rest of line) beats last number
-    assert extract_answer("\\boxed{1} #### 5") == "1"  # boxed beats ####
-    assert extract_answer("nothing") is None
+@pytest.mark.parametrize("completion,answer,expected", [
+    ("12 then\n#### 5\nthen 9", "5", 1.0),  # #### (rest of line) beats the last number
+    ("12 then\n#### 5\nthen 9", "9", 0.0),
+    ("\\boxed{1} #### 5", "1", 1.0),  # boxed beats ####
+    ("\\boxed{1} #### 5", "5", 0.0),
+    ("\\boxed{1 #### 5", "5", 1.0),  # an unbalanced box is no answer: #### next
+    ("nothing", "nothing", 0.0),  # no answer in the completion
+])
+def test_extract_order(completion, answer, expected):
+    assert math_exact_match(["p"], [completion], answer=[answer]) == [expected]
+
+
+def test_exact_match_reward():
+    fn = exact_match_reward(AnswerRule("answer_prefix"))
+    comps = ["steps\nAnswer: PLANET", [{"role": "assistant", "content": "Answer: planet"}], "no answer", "x"]
+    assert fn(["p"] * 4, comps, answer=["PLANET", "PLANET", "PLANET", None], task=["string"] * 4) == [1.0, 0.0, 0.0, None]
+    assert exact_match_reward(AnswerRule("answer_prefix", ignore_case=True))(["p"], ["Answer: planet"], answer=["PLANET"]) == [1.0]
+    gsm = exact_match_reward(AnswerRule("gsm8k"))
+    assert gsm(["p", "p"], ["so 9\n#### 9", "#### 8"], answer=["16 - 3 - 4 = 9\n#### 9"] * 2) == [1.0, 0.0]
+    assert gsm.__name__ == "exact_match_gsm8k"
+    with pytest.raises(ValueError):
+        fn(["p"], ["a", "b"], answer=["a"])  # completions and answers must pair up
 
 
 def test_load_reward_fn():

@@ -1,7 +1,10 @@
 import json
 
 from effsft.corpus.normalize import Reject, normalize_row
-from effsft.corpus.synth import SynthSettings, extract_answer, heldout_rows, train_rows
+from effsft.corpus.answer import AnswerRule
+from effsft.corpus.synth import SynthSettings, heldout_rows, train_rows
+
+extract_answer = AnswerRule("answer_prefix").extract  # synth responses end with "Answer: <x>"
 
 
 def _rows(**kw):
