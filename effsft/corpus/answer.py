@@ -294,3 +294,31 @@ def _math_verify():
     except ImportError as e:
         raise ImportError(f"AnswerRule(math_verify=True): {_MATH_EXTRA}") from e
     return math_verify
+
+
+# ---- the config section (eval's exact match and GRPO's exact_match reward) -----------------
+from typing import Literal, Optional  # noqa: E402
+
+from pydantic import model_validator  # noqa: E402
+
+from effsft.config import Strict  # noqa: E402
+
+
+class AnswerSpec(Strict):
+    """``answer.*``: the answer rule of a job (see :class:`AnswerRule`)."""
+
+    format: Literal["answer_prefix", "last_number", "gsm8k", "boxed", "regex"] = "answer_prefix"
+    pattern: Optional[str] = None     # format regex: the answer is the last match (its group 1)
+    ignore_case: bool = False
+    math_verify: bool = False         # also accept mathematical equivalence (the `math` extra)
+
+    @model_validator(mode="after")
+    def _valid(self):
+        try:
+            self.rule()
+        except ImportError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def rule(self) -> AnswerRule:
+        return AnswerRule(self.format, self.pattern, self.ignore_case, self.math_verify)

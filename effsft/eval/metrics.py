@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from effsft.corpus.answer import AnswerRule
-from effsft.corpus.tokenize import IGNORE_INDEX, collate, encode_chat, encode_prompt
+from effsft.corpus.tokenize import IGNORE_INDEX, collate, encode_chat, encode_prompt, prompt_turns
 
 
 @torch.no_grad()
@@ -55,7 +55,10 @@ def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[dict]], max_new
     """Batched greedy decoding (left padding); returns the decoded new text per prompt."""
     from tqdm import tqdm
 
+    from effsft.models.loading import stop_token_ids
+
     dev = next(model.parameters()).device
+    eos = stop_token_ids(model, tokenizer)
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[str] = [""] * len(ids)
@@ -69,35 +72,43 @@ def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[dict]], max_new
             m[r, T - len(ids[i]):] = 1
         gen = model.generate(input_ids=x.to(dev), attention_mask=m.to(dev), do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
+                             eos_token_id=eos)
         for r, i in enumerate(idx):
             out[i] = tokenizer.decode(gen[r, T:], skip_special_tokens=True)
     return out
 
 
+def rule_name(rule: AnswerRule) -> str:
+    """A short label of a rule for reports (``last_number``, ``regex:<pattern>``)."""
+    return f"regex:{rule.pattern}" if rule.format == "regex" else rule.format
+
+
+def _accuracy(rule: AnswerRule, rows: Sequence[dict], gens: Sequence[str]) -> tuple[list[int], dict]:
+    hits = [int(rule.match(g, str(r["answer"]))) for r, g in zip(rows, gens)]
+    per_task: dict[str, list[int]] = {}
+    for r, ok in zip(rows, hits):
+        per_task.setdefault(r.get("task") or "all", []).append(ok)
+    return hits, {"accuracy": sum(hits) / max(1, len(rows)),
+                  "per_task": {t: sum(v) / len(v) for t, v in sorted(per_task.items())}}
+
+
 def exact_match(model, tokenizer, rows: Sequence[dict], max_new_tokens: int = 64,
                 batch_size: int = 16, progress: bool = False, *,
-                rule: AnswerRule | None = None) -> dict:
+                rule: AnswerRule | None = None, also: Sequence[AnswerRule] = ()) -> dict:
     """Accuracy of ``rule.match(generation, row['answer'])`` on eval rows.
 
-    Each row has ``messages`` (the prompt turns; a trailing assistant turn is ignored),
+    Each row has ``messages`` (the prompt is every turn before a trailing assistant turn),
     ``answer`` and optionally ``task``. ``rule`` defaults to ``AnswerRule()`` (the text after
-    the last ``Answer:``). Returns overall and per-task accuracy plus samples.
+    the last ``Answer:``); each rule in ``also`` is scored on the same generations (e.g. a
+    chat model that never writes ``Answer:`` under ``last_number``) and reported under
+    ``also[<rule name>]``. Returns overall and per-task accuracy plus samples.
     """
     rule = AnswerRule() if rule is None else rule
-    prompts = [[m for m in r["messages"] if m["role"] != "assistant"] or r["messages"][:1]
-               for r in rows]
+    prompts = [prompt_turns(r["messages"]) for r in rows]
     gens = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
-    per_task: dict[str, list[int]] = {}
-    correct = 0
-    samples = []
-    for r, p, g in zip(rows, prompts, gens):
-        ok = int(rule.match(g, str(r["answer"])))
-        correct += ok
-        per_task.setdefault(r.get("task") or "all", []).append(ok)
-        if len(samples) < 10:
-            samples.append({"prompt": p[-1]["content"][:200], "generation": g[:200],
-                            "extracted": rule.extract(g), "answer": r["answer"], "correct": bool(ok)})
-    return {"accuracy": correct / max(1, len(rows)), "n": len(rows),
-            "per_task": {t: sum(v) / len(v) for t, v in sorted(per_task.items())},
-            "samples": samples}
+    hits, res = _accuracy(rule, rows, gens)
+    samples = [{"prompt": p[-1]["content"][:200], "generation": g[:200], "extracted": rule.extract(g),
+                "answer": r["answer"], "correct": bool(ok)}
+               for r, p, g, ok in list(zip(rows, prompts, gens, hits))[:10]]
+    return {**res, "n": len(rows), "rule": rule_name(rule), "samples": samples,
+            "also": {rule_name(a): _accuracy(a, rows, gens)[1] for a in also}}

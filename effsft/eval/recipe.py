@@ -6,11 +6,12 @@ a CPU-only head node still evaluates on a GPU worker.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import List, Optional
 
 from pydantic import Field, model_validator
 
 from effsft.config import CorpusSpec, ExistingPath, ModelSpec, OutputPath, Strict, to_dict
+from effsft.corpus.answer import AnswerSpec
 from effsft.corpus.prepare import first_good_rows
 from effsft.runtime import OutputDir, init_ray, timed
 
@@ -28,6 +29,8 @@ class EvalConfig(Strict):
     max_len: int = Field(512, gt=8)
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int = Field(64, gt=0)
+    answer: AnswerSpec = AnswerSpec()          # exact match: how the answer is found and compared
+    also: List[AnswerSpec] = []                # more rules scored on the same generations (reported beside)
     num_gpus: float = Field(0, ge=0)
     num_cpus: float = Field(1, gt=0)
     overwrite: bool = False
@@ -50,7 +53,7 @@ def _eval_rows(path: str, limit: int) -> list[dict]:
 
 
 def evaluate(model_spec: dict, ppl_rows: list | None, em_rows: list | None, max_len: int,
-             batch_size: int, max_new_tokens: int) -> dict:
+             batch_size: int, max_new_tokens: int, rule=None, also=()) -> dict:
     """The model work (runs inside a Ray task)."""
     import torch
 
@@ -68,7 +71,8 @@ def evaluate(model_spec: dict, ppl_rows: list | None, em_rows: list | None, max_
         res["perplexity"] = perplexity(model, tok, [r["messages"] for r in ppl_rows], max_len,
                                        batch_size)
     if em_rows:
-        res["exact_match"] = exact_match(model, tok, em_rows, max_new_tokens, batch_size)
+        res["exact_match"] = exact_match(model, tok, em_rows, max_new_tokens, batch_size, rule=rule,
+                                         also=also)
     return res
 
 
@@ -89,7 +93,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(evaluate)
     with timed(timings, "evaluate"):
         res = ray.get(task.remote(cfg.model.model_dump(), ppl_rows, em_rows, cfg.max_len,
-                                  cfg.batch_size, cfg.max_new_tokens))
+                                  cfg.batch_size, cfg.max_new_tokens, cfg.answer.rule(),
+                                  [a.rule() for a in cfg.also]))
     inputs = {"model": describe_model(cfg.model)}
     if cfg.data:
         inputs["data"] = {"path": cfg.data.path}
@@ -104,9 +109,11 @@ def run_eval(cfg: EvalConfig) -> dict:
                          f"{p['tokens']} tokens; {p['too_long']} rows too long for max_len={cfg.max_len}."))
     if "exact_match" in res:
         em = res["exact_match"]
-        lines = [f"accuracy **{em['accuracy']:.3f}** on {em['n']} rows", "",
-                 "| task | accuracy |", "|---|---|"]
-        lines += [f"| {t} | {a:.3f} |" for t, a in em["per_task"].items()]
+        rules = [em["rule"], *em["also"]]
+        per = [em["per_task"], *[a["per_task"] for a in em["also"].values()]]
+        lines = [f"accuracy **{em['accuracy']:.3f}** on {em['n']} rows (answer rule `{em['rule']}`)", "",
+                 "| task | " + " | ".join(f"`{r}`" for r in rules) + " |", "|---" * (1 + len(rules)) + "|"]
+        lines += [f"| {t} | " + " | ".join(f"{p[t]:.3f}" for p in per) + " |" for t in em["per_task"]]
         lines += ["", "Samples:", ""] + [f"- `{s['prompt'][:80]}` -> `{s['generation'][:80]}` "
                                          f"(answer `{s['answer']}`, {'ok' if s['correct'] else 'wrong'})"
                                          for s in em["samples"][:5]]

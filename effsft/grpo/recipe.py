@@ -46,6 +46,7 @@ from typing import List, Literal, Optional
 from pydantic import Field, model_validator
 
 from effsft.config import ConfigError, ExistingPath, Strict, to_dict
+from effsft.corpus.answer import AnswerSpec
 from effsft.runtime import OutputDir, init_ray, timed, worker_path
 from effsft.train.config import TrainJobConfig
 
@@ -65,7 +66,7 @@ class PromptDataSpec(Strict):
 
 
 class RewardFuncSpec(Strict):
-    fn: str                                # built-in name (math_exact_match) or "pkg.mod:callable"
+    fn: str                                # built-in (exact_match: the answer.* rule; math_exact_match) or "pkg.mod:callable"
     weight: float = 1.0
 
 
@@ -101,7 +102,8 @@ class GRPOConfig(TrainJobConfig):
     max_completion_length: int = Field(256, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    reward_funcs: List[RewardFuncSpec] = [RewardFuncSpec(fn="math_exact_match")]
+    reward_funcs: List[RewardFuncSpec] = [RewardFuncSpec(fn="exact_match")]
+    answer: AnswerSpec = AnswerSpec()      # the exact_match reward's rule (= eval's answer.*)
     prefix_grouping: Literal["auto", "on", "off"] = "auto"
     reward: RewardSpec = RewardSpec()
     rollout: RolloutSpec = RolloutSpec()
@@ -232,7 +234,7 @@ class GRPOSource:
         t1 = time.perf_counter()
         total, per = score([f.fn for f in cfg.reward_funcs], [f.weight for f in cfg.reward_funcs],
                            [ps.texts[i] for i in idx for _ in range(G)], texts, cols,
-                           cfg.reward.mode, cfg.reward.num_cpus)
+                           cfg.reward.mode, cfg.reward.num_cpus, cfg.answer.rule())
         reward_s = time.perf_counter() - t1
         ro = C.make_rollout(prompts, comps, total, per, G, cfg.scale_rewards)
         shards = C.shard_groups(P, ctx.world_size, ctx.grad_accum)
@@ -295,7 +297,7 @@ def check_rewards(cfg: GRPOConfig) -> None:
 
     for i, f in enumerate(cfg.reward_funcs):
         try:
-            load_reward_fn(f.fn)
+            load_reward_fn(f.fn, cfg.answer.rule())
         except ValueError as e:
             raise ConfigError(f"reward_funcs.{i}.fn: {e}") from None
 

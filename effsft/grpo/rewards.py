@@ -84,21 +84,26 @@ def exact_match_reward(rule: AnswerRule) -> RewardFn:
 
 
 BUILTIN_REWARDS: dict[str, RewardFn] = {"math_exact_match": math_exact_match}
+# ``exact_match``: the job's own answer rule (``answer.*``), the rule eval's exact match uses.
+RULE_REWARDS = ("exact_match",)
 
 
-def load_reward_fn(spec: str) -> RewardFn:
-    """Resolve ``"pkg.mod:callable"`` (or a built-in name such as ``"math_exact_match"``).
+def load_reward_fn(spec: str, rule: AnswerRule | None = None) -> RewardFn:
+    """Resolve ``"pkg.mod:callable"`` or a built-in name: ``exact_match`` (``rule``, default
+    :class:`AnswerRule`'s answer_prefix) or ``math_exact_match``.
 
     Raises:
         ValueError: malformed spec, module not importable, attribute missing or not callable.
     """
+    if spec in RULE_REWARDS:
+        return exact_match_reward(rule or AnswerRule())
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(
             f"reward function {spec!r} must look like 'package.module:callable' "
-            f"(or be a built-in: {sorted(BUILTIN_REWARDS)})"
+            f"(or be a built-in: {sorted([*BUILTIN_REWARDS, *RULE_REWARDS])})"
         )
     try:
         module = importlib.import_module(module_name)

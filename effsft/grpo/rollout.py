@@ -62,7 +62,7 @@ class RolloutWorker:
     def __init__(self, model_path: str, dtype: str = "auto", device: str = "cpu",
                  trust_remote_code: bool = False, attn_implementation: str | None = None,
                  num_threads: int = 0):
-        from effsft.models.loading import load_model, load_tokenizer
+        from effsft.models.loading import load_model, load_tokenizer, stop_token_ids
 
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -73,9 +73,7 @@ class RolloutWorker:
         self.model = load_model(model_path, dtype=dtype, device=self.device,
                                 trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
         self.version = 0
-        gen_eos = self.model.generation_config.eos_token_id
-        eos = gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
-        self.eos_ids = sorted({int(e) for e in eos if e is not None} | {int(self.tok.eos_token_id)})
+        self.eos_ids = stop_token_ids(self.model, self.tok)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], num_generations: int, max_new_tokens: int,
@@ -123,20 +121,22 @@ class RolloutWorker:
         return self.version
 
 
-def score_task(fn_spec: str, prompts: list[str], completions: list[str], columns: dict) -> list[float]:
+def score_task(fn_spec: str, prompts: list[str], completions: list[str], columns: dict,
+               rule=None) -> list[float]:
     """One reward function over a batch, as a Ray task body (the function is resolved by its
     import path inside the task, so user code only has to be importable on the cluster)."""
     from effsft.grpo.controller import rewards_column
     from effsft.grpo.rewards import load_reward_fn
 
-    fn = load_reward_fn(fn_spec)
+    fn = load_reward_fn(fn_spec, rule)
     return rewards_column(fn(prompts, completions, **columns), len(completions))
 
 
 def score(fn_specs: Sequence[str], weights: Sequence[float], prompts: list[str], completions: list[str],
-          columns: dict, mode: str = "inline", num_cpus: float = 0.25):
+          columns: dict, mode: str = "inline", num_cpus: float = 0.25, rule=None):
     """Rewards of a rollout batch: ``(total [N], per_func [N, K])``; one Ray task per reward
-    function with ``mode="task"``, in this process with ``mode="inline"``."""
+    function with ``mode="task"``, in this process with ``mode="inline"``. ``rule`` is the
+    job's :class:`~effsft.corpus.answer.AnswerRule` (for the built-in ``exact_match``)."""
     from effsft.grpo.controller import combine_per_func
 
     if mode == "task":
@@ -144,7 +144,7 @@ def score(fn_specs: Sequence[str], weights: Sequence[float], prompts: list[str],
 
         task = ray.remote(num_cpus=num_cpus)(score_task)
         args = (ray.put(prompts), ray.put(completions), ray.put(columns))
-        per = ray.get([task.remote(f, *args) for f in fn_specs])
+        per = ray.get([task.remote(f, *args, rule) for f in fn_specs])
     else:
-        per = [score_task(f, prompts, completions, columns) for f in fn_specs]
+        per = [score_task(f, prompts, completions, columns, rule) for f in fn_specs]
     return combine_per_func(per, weights)

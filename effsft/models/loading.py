@@ -84,3 +84,12 @@ def describe_model(spec) -> dict:
     s = spec if isinstance(spec, dict) else spec.model_dump()
     tok = load_tokenizer(s["path"], trust_remote_code=s["trust_remote_code"], template=s["template"])
     return {"path": s["path"], "fingerprint": fingerprint(s["path"]), **template_info(tok)}
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Generation stops at any of these: the model's ``generation_config.eos_token_id`` (one id
+    or several, e.g. a chat model's end-of-turn) and the tokenizer's eos."""
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = gen if isinstance(gen, (list, tuple)) else [gen]
+    return sorted({int(i) for i in ids if i is not None} | (
+        {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()))
