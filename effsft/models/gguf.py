@@ -52,7 +52,7 @@ def find_gguf(path: str | Path) -> Path:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
         raise ConfigError(f"gguf: {p} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
-    return p
+    return p.resolve()
 
 
 def load_gguf(path: Path, dtype: str = "float32"):
