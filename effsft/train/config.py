@@ -17,6 +17,9 @@ class TrainSpec(Strict):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)   # fractional on CPU: whole CPUs deadlock small clusters (ray_notes)
+    # torch intra-op threads per CPU worker; None = the node's cores / the workers on that node
+    # (Ray would leave a fractional-CPU worker with OMP_NUM_THREADS=1: half the machine idle).
+    threads: Optional[int] = Field(None, ge=1)
     # "auto": 0 on one worker (ZeRO partitions across workers: one worker has nothing to split,
     # and stage 2 cost +43% per step on CPU), 2 on several. The manifest records the resolved stage.
     zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"

@@ -272,6 +272,13 @@ def restore(engine, lora: LoraSpec) -> Position | None:
 
 # ---- the worker loop -------------------------------------------------------------------
 
+def worker_threads(threads: int | None, local_workers: int) -> int:
+    """torch threads of a CPU worker: ``train.threads``, else this node's cores shared out."""
+    if threads:
+        return threads
+    return max(1, (os.cpu_count() or 1) // max(1, local_workers))
+
+
 def _take(stream: Iterator, n: int, pos: Position) -> list[dict]:
     out = []
     for _ in range(n):
@@ -294,6 +301,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     rc = ray.train.get_context()
     rank, world = rc.get_world_rank(), rc.get_world_size()
     device = ray.train.torch.get_device() if tr.use_gpu else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(worker_threads(tr.threads, rc.get_local_world_size()))
     dtype = resolve_dtype(spec.dtype, device)
     t_setup = time.perf_counter()
     torch.manual_seed(tr.seed)  # identical LoRA init on every rank
