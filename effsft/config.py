@@ -231,11 +231,16 @@ class CorpusSpec(Strict):
     max_row_bytes: int = Field(1 << 20, gt=0)
     id_field: str = "id"
     shard_rows: int = Field(50_000, gt=0)
+    # A file that cannot be read (truncated, bad footer, corrupt compressed stream): "reject"
+    # = one unreadable_file row in rejects.parquet (rows before the damage kept), the job goes
+    # on and its manifest lists the file; "fail" = the job exits 1 naming the file.
+    on_unreadable: Literal["reject", "fail"] = "reject"
 
     def normalize_options(self):
         from effsft.corpus.normalize import NormalizeOptions
 
-        return NormalizeOptions(max_row_bytes=self.max_row_bytes, id_field=self.id_field)
+        return NormalizeOptions(max_row_bytes=self.max_row_bytes, id_field=self.id_field,
+                                on_unreadable=self.on_unreadable)
 
 
 class TokenizeSpec(Strict):

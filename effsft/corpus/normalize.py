@@ -44,6 +44,7 @@ class NormalizeOptions:
     max_row_bytes: int = 1 << 20
     id_field: str = "id"
     require_user_turn: bool = True
+    on_unreadable: str = "reject"   # a file that cannot be read: "reject" (a row in rejects) or "fail"
 
 
 def content_id(messages: list[dict]) -> str:
@@ -202,9 +203,13 @@ def normalize_table(batch: pa.Table, opts: NormalizeOptions = NormalizeOptions()
     raws = batch.column("raw").to_pylist()
     files = batch.column("src_file").to_pylist()
     rows = batch.column("src_row").to_pylist()
+    errors = (batch.column("read_error").to_pylist() if "read_error" in batch.column_names
+              else [None] * batch.num_rows)
     cols: dict[str, list] = {f.name: [] for f in NORMALISED_SCHEMA}
-    for raw, f, r in zip(raws, files, rows):
+    for raw, f, r, read_error in zip(raws, files, rows, errors):
         try:
+            if read_error is not None:  # the reader's marker of a file it could not read
+                raise Reject("unreadable_file", f"{f}: {read_error}")
             rec = normalize_row(raw, opts)
             cols["id"].append(rec["id"])
             cols["messages"].append(rec["messages"])

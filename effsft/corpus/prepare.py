@@ -8,6 +8,7 @@ rejects file, dropping later duplicates of an id. The invariant
 from __future__ import annotations
 
 import collections
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from effsft.corpus.rejects import RejectsWriter
 from effsft.corpus.schema import CANONICAL_SCHEMA
 
 SHARD_GLOB = "shard-*.parquet"
+log = logging.getLogger("effsft.corpus")
 
 
 class AccountingError(RuntimeError):
@@ -36,6 +38,7 @@ class CorpusCounts:
     formats: dict = field(default_factory=dict)
     duplicate_ids: int = 0
     shards: int = 0
+    unreadable_files: list = field(default_factory=list)  # [{file, rows_read, error}]
 
     def check(self) -> None:
         if self.rows_in != self.rows_ok + self.rows_rejected:
@@ -85,7 +88,8 @@ def normalised_dataset(input_path: str, opts: NormalizeOptions, split: str = "tr
     """Ray Dataset of NORMALISED_SCHEMA rows (canonical fields or reject info), 1:1 with input."""
     from effsft.corpus.readers import read_raw
 
-    return read_raw(input_path, split=split, num_cpus=num_cpus).map_batches(
+    return read_raw(input_path, split=split, num_cpus=num_cpus,
+                    on_unreadable=opts.on_unreadable).map_batches(
         normalize_table, fn_kwargs={"opts": opts}, batch_format="pyarrow",
         batch_size=batch_size, num_cpus=num_cpus, zero_copy_batch=True)
 
@@ -94,12 +98,43 @@ def _good_rows(t: pa.Table) -> pa.Table:
     return t.filter(pc.is_null(t["reject_reason"]))
 
 
-def first_good_rows(spec, limit: int) -> list[dict]:
-    """The first ``limit`` normalised rows (``id``, ``messages``) of any corpus (a CorpusSpec),
-    through the same readers and normaliser as every job; rejects are skipped."""
-    ds = normalised_dataset(spec.path, spec.normalize_options(), split=spec.split)
-    ds = ds.map_batches(_good_rows, batch_format="pyarrow", num_cpus=0.25)
-    return ds.select_columns(["id", "messages"]).limit(limit).take_all()
+UNREADABLE = "unreadable_file"
+
+
+def _good_or_unreadable(t: pa.Table) -> pa.Table:
+    return t.filter(pc.or_kleene(pc.is_null(t["reject_reason"]), pc.equal(t["reject_reason"], UNREADABLE)))
+
+
+def unreadable_entry(src_file: str, src_row: int, detail: str) -> dict:
+    """A manifest's entry for an unreadable file (``detail`` is the normaliser's reject detail)."""
+    return {"file": src_file, "rows_read": int(src_row),
+            "error": detail[len(src_file) + 2:] if detail.startswith(f"{src_file}: ") else detail}
+
+
+def good_rows(path: str, opts: NormalizeOptions, limit: int, split: str = "train",
+              columns: tuple = ("id", "messages")) -> tuple[list[dict], list[dict]]:
+    """The first ``limit`` normalised rows of any corpus and the files found unreadable on the
+    way (``[{file, rows_read, error}]``; the caller records them), through the same readers and
+    normaliser as every job; other rejects are skipped. Reading stops once ``limit`` rows are in."""
+    ds = normalised_dataset(path, opts, split=split).map_batches(
+        _good_or_unreadable, batch_format="pyarrow", num_cpus=0.25)
+    rows: list[dict] = []
+    unreadable: list[dict] = []
+    for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        bad = pc.fill_null(pc.equal(b["reject_reason"], UNREADABLE), False)
+        for r in b.filter(bad).select(["src_file", "src_row", "reject_detail"]).to_pylist():
+            unreadable.append(unreadable_entry(r["src_file"], r["src_row"], r["reject_detail"]))
+        if len(rows) < limit:
+            rows += b.filter(pc.invert(bad)).select(list(columns)).slice(0, limit - len(rows)).to_pylist()
+        if len(rows) >= limit:
+            break
+    return rows, unreadable
+
+
+def first_good_rows(spec, limit: int) -> tuple[list[dict], list[dict]]:
+    """The first ``limit`` normalised rows (``id``, ``messages``) of a CorpusSpec and the
+    unreadable files met (see :func:`good_rows`)."""
+    return good_rows(spec.path, spec.normalize_options(), limit, split=spec.split)
 
 
 def prepare_corpus(input_path: str, out_dir: str | os.PathLike, *, opts: NormalizeOptions = NormalizeOptions(),
@@ -145,6 +180,10 @@ def prepare_corpus(input_path: str, out_dir: str | os.PathLike, *, opts: Normali
                 shards.add(good.select(canon_names).cast(CANONICAL_SCHEMA))
                 counts.rows_ok += good.num_rows
                 rej = batch.filter(bad)
+                for r in rej.filter(pc.equal(rej["reject_reason"], UNREADABLE)).select(
+                        ["src_file", "src_row", "reject_detail"]).to_pylist():
+                    counts.unreadable_files.append(
+                        unreadable_entry(r["src_file"], r["src_row"], r["reject_detail"]))
                 rejects.write(src_file=rej.column("src_file"), src_row=rej.column("src_row"),
                               reason=rej.column("reject_reason"), detail=rej.column("reject_detail"),
                               raw=rej.column("raw"))
@@ -159,6 +198,9 @@ def prepare_corpus(input_path: str, out_dir: str | os.PathLike, *, opts: Normali
     counts.rejected_by_reason = dict(sorted(rejects.by_reason.items()))
     counts.formats = dict(sorted(formats.items()))
     counts.check()
+    if counts.unreadable_files:
+        log.warning("unreadable corpus files (kept what could be read; listed in rejects.parquet "
+                    "and the manifest): %s", [u["file"] for u in counts.unreadable_files])
     return counts
 
 

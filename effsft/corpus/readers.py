@@ -3,6 +3,14 @@
 
 Every reader yields RAW_SCHEMA rows (raw JSON bytes + source file + row number) so that the
 normaliser sees every row, good or bad, with its location. Nothing is read in the driver.
+
+A file that cannot be read (a Parquet file truncated by an interrupted copy, a bad footer, a
+gzip/zstd stream cut mid-way) is never silently skipped: the rows read before the damage are
+kept and one marker row (``read_error`` set) stands for the rest, which the normaliser turns
+into an ``unreadable_file`` reject naming the file and the reader's error. With
+``on_unreadable="fail"`` the reader raises :class:`UnreadableFileError` instead. This is the
+one place the rule lives: every job reads corpora through :func:`read_raw` or
+:func:`iter_raw_file`.
 """
 from __future__ import annotations
 
@@ -23,6 +31,16 @@ BLOCK_ROWS = 8192
 
 class CorpusPathError(StoragePathError):
     """A corpus path that does not exist or holds no corpus files."""
+
+
+class UnreadableFileError(RuntimeError):
+    """A corpus file that cannot be read, with ``input.on_unreadable: fail``."""
+
+
+# What a damaged file raises while it is read: pyarrow's IO/format errors (ArrowInvalid is a
+# ValueError, ArrowIOError an OSError), a compressed stream cut short (EOFError / OSError).
+READ_ERRORS = (OSError, EOFError, ValueError, pa.ArrowException)
+ON_UNREADABLE = ("reject", "fail")
 
 
 def _kind(path: str) -> str:
@@ -88,7 +106,38 @@ def compression_of(path: str) -> str | None:
 def _raw_block(raws: list[bytes], path: str, start: int) -> pa.Table:
     return pa.Table.from_arrays(
         [pa.array(raws, pa.binary()), pa.array([path] * len(raws), pa.string()),
-         pa.array(range(start, start + len(raws)), pa.int64())], schema=RAW_SCHEMA)
+         pa.array(range(start, start + len(raws)), pa.int64()), pa.nulls(len(raws), pa.string())],
+        schema=RAW_SCHEMA)
+
+
+def describe_error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:500]
+
+
+def unreadable_block(path: str, row: int, error: str) -> pa.Table:
+    """The one marker row of a file that could not be read from ``row`` on."""
+    return pa.Table.from_arrays(
+        [pa.nulls(1, pa.binary()), pa.array([path], pa.string()), pa.array([row], pa.int64()),
+         pa.array([error], pa.string())], schema=RAW_SCHEMA)
+
+
+def guard_unreadable(blocks: Iterator[pa.Table], name: str, on_unreadable: str = "reject"
+                     ) -> Iterator[pa.Table]:
+    """Pass ``blocks`` of one file through; a read error ends the file with a marker row
+    (``reject``) or :class:`UnreadableFileError` naming the file (``fail``)."""
+    if on_unreadable not in ON_UNREADABLE:
+        raise ValueError(f"on_unreadable: {on_unreadable!r} is not one of {ON_UNREADABLE}")
+    rows = 0
+    try:
+        for block in blocks:
+            rows += block.num_rows
+            yield block
+    except READ_ERRORS as e:
+        msg = describe_error(e)
+        if on_unreadable == "fail":
+            raise UnreadableFileError(f"unreadable corpus file {name} (after {rows} rows): {msg} "
+                                      "(input.on_unreadable=fail)") from None
+        yield unreadable_block(name, rows, msg)
 
 
 def _dump(row: dict) -> bytes:
@@ -120,7 +169,12 @@ def iter_raw_jsonl(f, path: str) -> Iterator[pa.Table]:
                 yield _raw_block(lines, path, row)
                 row += len(lines)
                 lines = []
-        more = f.read(1 << 20)
+        try:
+            more = f.read(1 << 20)
+        except READ_ERRORS:
+            if lines:  # the complete lines before the damage are kept; the error ends the file
+                yield _raw_block(lines, path, row)
+            raise
         if not more:
             break
         buf += more
@@ -163,17 +217,28 @@ def _open(fs: pafs.FileSystem, path: str):
     return fs.open_input_file(path)  # Parquet / Arrow: random access
 
 
-def _read_opened(f, path: str, name: str) -> Iterator[pa.Table]:
+def _read_opened(f, path: str, name: str, on_unreadable: str = "reject") -> Iterator[pa.Table]:
     kind = _kind(path)
     reader = {"jsonl": iter_raw_jsonl, "parquet": iter_raw_parquet, "arrow": iter_raw_arrow}[kind]
-    yield from reader(f, name)
+    yield from guard_unreadable(reader(f, name), name, on_unreadable)
 
 
-def iter_raw_file(path: str) -> Iterator[pa.Table]:
-    """Plain-Python reader of one file, local or URI (used by tests and tools)."""
+def iter_raw_file(path: str, on_unreadable: str = "reject") -> Iterator[pa.Table]:
+    """Plain-Python reader of one file, local or URI (grpo's prompts, tests and tools)."""
     fs, inner = locate(path)
-    with _open(fs, inner) as f:
-        yield from _read_opened(f, inner, display_path(fs, inner))
+    name = display_path(fs, inner)
+    try:
+        f = _open(fs, inner)
+    except READ_ERRORS as e:
+        yield from guard_unreadable(_raise(e), name, on_unreadable)
+        return
+    with f:
+        yield from _read_opened(f, inner, name, on_unreadable)
+
+
+def _raise(e: BaseException) -> Iterator[pa.Table]:
+    raise e
+    yield  # a generator
 
 
 def _datasource_cls():
@@ -182,24 +247,28 @@ def _datasource_cls():
     class CorpusDatasource(FileBasedDatasource):
         """Reads any supported corpus file into RAW_SCHEMA blocks, streaming per file."""
 
-        def __init__(self, paths: list[str], filesystem: pafs.FileSystem, **kw):
+        def __init__(self, paths: list[str], filesystem: pafs.FileSystem, on_unreadable: str = "reject",
+                     **kw):
             super().__init__(paths, filesystem=filesystem, **kw)
             self._fs = filesystem
+            self._on_unreadable = on_unreadable
 
         def _open_input_source(self, filesystem, path, **open_args):
             return _open(filesystem, path)
 
         def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-            yield from _read_opened(f, path, display_path(self._fs, path))
+            yield from _read_opened(f, path, display_path(self._fs, path), self._on_unreadable)
 
     return CorpusDatasource
 
 
-def read_raw(path: str | os.PathLike, split: str = "train", num_cpus: float = 0.5):
+def read_raw(path: str | os.PathLike, split: str = "train", num_cpus: float = 0.5,
+             on_unreadable: str = "reject"):
     """A Ray Dataset of RAW_SCHEMA rows for every row of every file under ``path`` (a local
-    path or a pyarrow filesystem URI: the files are read on the Ray workers, never the driver)."""
+    path or a pyarrow filesystem URI: the files are read on the Ray workers, never the driver).
+    An unreadable file gives a marker row, or fails the read (``on_unreadable``)."""
     import ray.data
 
     fs, files = resolve_corpus(path, split)
-    return ray.data.read_datasource(_datasource_cls()(files, fs), num_cpus=num_cpus,
+    return ray.data.read_datasource(_datasource_cls()(files, fs, on_unreadable), num_cpus=num_cpus,
                                     override_num_blocks=max(1, len(files)))

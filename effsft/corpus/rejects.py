@@ -66,3 +66,18 @@ class RejectsWriter:
         else:
             self._writer.close()
             self._tmp.unlink(missing_ok=True)
+
+
+def unreadable_files(path: str | os.PathLike) -> list[dict]:
+    """The ``unreadable_file`` entries of a written rejects file, for a manifest:
+    ``[{file, rows_read, error}]``."""
+    import pyarrow.compute as pc
+
+    from effsft.corpus.prepare import UNREADABLE, unreadable_entry
+
+    p = Path(path)
+    if not p.exists():
+        return []
+    t = pq.read_table(p, columns=["src_file", "src_row", "reason", "detail"])
+    t = t.filter(pc.equal(t["reason"], UNREADABLE))
+    return [unreadable_entry(r["src_file"], r["src_row"], r["detail"] or "") for r in t.to_pylist()]

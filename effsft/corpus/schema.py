@@ -27,6 +27,9 @@ RAW_SCHEMA = pa.schema([
     ("raw", pa.binary()),        # the row as read: a JSONL line, or a JSON dump of a table row
     ("src_file", pa.string()),
     ("src_row", pa.int64()),     # 0-based row (line) number within src_file
+    # null for a row; for the one marker row of a file that could not be read (whole or from
+    # src_row on: truncated, bad footer, corrupt compressed stream) the reader's error
+    ("read_error", pa.string()),
 ])
 
 # Normaliser output: canonical fields (null for rejects) + reject info (null for good rows).
@@ -58,6 +61,8 @@ REJECT_REASONS = {
     "bad_roles": "unknown role, misplaced system turn, or no user turn before the response",
     "empty_response": "the final assistant turn is missing or empty",
     "empty_line": "a blank line in a JSONL file",
+    "unreadable_file": "a file (or its rest from src_row on) that cannot be read: truncated, bad "
+                       "footer, corrupt compressed stream; one row per file, detail = the reader's error",
     "duplicate_id": "a later row whose id was already seen (first occurrence kept)",
     # training jobs add the rows their tokenisation cannot use (sft: too_long, no_response;
     # grpo: too_long = prompt over data.max_prompt_tokens)

@@ -88,7 +88,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     init_ray()
     timings: dict = {}
     with timed(timings, "read"):
-        ppl_rows = first_good_rows(cfg.data, cfg.limit) if cfg.data else None
+        ppl_rows, unreadable = first_good_rows(cfg.data, cfg.limit) if cfg.data else (None, [])
         em_rows = _eval_rows(cfg.eval_split, cfg.limit) if cfg.eval_split else None
     task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(evaluate)
     with timed(timings, "evaluate"):
@@ -100,7 +100,11 @@ def run_eval(cfg: EvalConfig) -> dict:
         inputs["data"] = {"path": cfg.data.path}
     if cfg.eval_split:
         inputs["eval_split"] = {"path": cfg.eval_split, "fingerprint": fingerprint(cfg.eval_split)}
-    write_manifest(work, "eval", to_dict(cfg), inputs=inputs, metrics=res, timings=timings)
+    if unreadable:
+        log.warning("eval: unreadable files in data.path (skipped, listed in the manifest): %s",
+                    [u["file"] for u in unreadable])
+    write_manifest(work, "eval", to_dict(cfg), inputs=inputs, metrics=res, timings=timings,
+                   counts={"unreadable_files": unreadable} if cfg.data else None)
     sections = []
     if "perplexity" in res:
         p = res["perplexity"]

@@ -63,6 +63,7 @@ class PromptDataSpec(Strict):
     tasks: Optional[List[str]] = None      # keep only rows whose ``task`` column is one of these
     limit: Optional[int] = Field(None, ge=1)
     max_prompt_tokens: int = Field(512, ge=1)  # longer prompts are counted and skipped
+    on_unreadable: Literal["reject", "fail"] = "reject"   # a damaged file: rejects (and go on) or exit 1
 
 
 class RewardFuncSpec(Strict):
@@ -337,7 +338,7 @@ def read_prompts(cfg: GRPOConfig, rejects_path) -> tuple[PromptSet, dict]:
     d = cfg.data
     tok = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
                          template=cfg.model.template)
-    ids, texts, kept = [], [], []
+    ids, texts, kept, unreadable = [], [], [], []
     n_in = n_filtered = 0
     seen_column = seen_task = False
     with RejectsWriter(rejects_path) as rejects:
@@ -347,13 +348,18 @@ def read_prompts(cfg: GRPOConfig, rejects_path) -> tuple[PromptSet, dict]:
 
         def raw_rows():
             for name in resolve_files(d.path):
-                for block in iter_raw_file(name):
+                for block in iter_raw_file(name, d.on_unreadable):
                     yield from zip(block["raw"].to_pylist(), block["src_file"].to_pylist(),
-                                   block["src_row"].to_pylist())
+                                   block["src_row"].to_pylist(), block["read_error"].to_pylist())
 
-        for raw, f, r in raw_rows():
+        for raw, f, r, read_error in raw_rows():
             if d.limit and n_in >= d.limit:
                 break
+            if read_error is not None:  # a file the reader could not read (from row r on)
+                n_in += 1
+                reject(f, r, Reject("unreadable_file", f"{f}: {read_error}"))
+                unreadable.append({"file": f, "rows_read": r, "error": read_error})
+                continue
             try:
                 row = parse_object(raw, MAX_PROMPT_ROW_BYTES)
             except Reject as e:
@@ -396,7 +402,11 @@ def read_prompts(cfg: GRPOConfig, rejects_path) -> tuple[PromptSet, dict]:
     counts = {"prompts_in": n_in, "prompts_ok": len(ids), "prompts_rejected": rejects.rows,
               "prompts_too_long": rejects.by_reason.get("too_long", 0),
               "prompts_filtered_by_task": n_filtered,
-              "prompts_rejected_by_reason": dict(sorted(rejects.by_reason.items()))}
+              "prompts_rejected_by_reason": dict(sorted(rejects.by_reason.items())),
+              "unreadable_files": unreadable}
+    if unreadable:
+        log.warning("grpo: unreadable files in data.path (listed in rejects.parquet and the manifest): %s",
+                    [u["file"] for u in unreadable])
     return PromptSet(ids, texts, cols), counts
 
 

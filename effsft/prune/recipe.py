@@ -186,11 +186,18 @@ def run_name(s: dict, with_alpha: bool = False) -> str:
 # ----------------------------------------------------------------------------- data (driver)
 
 
-def read_conversations(spec: CorpusSpec, limit: int) -> list[list[dict]]:
-    """First ``limit`` good conversations of any corpus, through the normalising readers."""
+def read_conversations(spec: CorpusSpec, limit: int, unreadable: list | None = None) -> list[list[dict]]:
+    """First ``limit`` good conversations of any corpus, through the normalising readers;
+    files found unreadable on the way are appended to ``unreadable`` (for the manifest)."""
     from effsft.corpus.prepare import first_good_rows
 
-    return [r["messages"] for r in first_good_rows(spec, limit)]
+    rows, bad = first_good_rows(spec, limit)
+    if bad:
+        log.warning("prune: unreadable files in %s (skipped, listed in the manifest): %s", spec.path,
+                    [u["file"] for u in bad])
+    if unreadable is not None:
+        unreadable += bad
+    return [r["messages"] for r in rows]
 
 
 def tokenize_documents(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
@@ -209,15 +216,16 @@ def build_windows(cfg: PruneConfig, tokenizer, max_positions: int | None):
 
     c, e = cfg.prune.calib, cfg.prune.eval
     T = min(c.seqlen, max_positions) if max_positions else c.seqlen
+    unreadable: list = []
     if e.data is None:  # held out: the documents after the calibration ones
-        convs = read_conversations(c.data, c.max_docs + e.max_docs)
+        convs = read_conversations(c.data, c.max_docs + e.max_docs, unreadable)
         calib_convs, eval_convs = convs[: c.max_docs], convs[c.max_docs:]
         if not eval_convs:
             raise ConfigError(f"prune.eval.data: not set, and {c.data.path} has no documents beyond the "
                               f"{len(calib_convs)} read for calibration (lower prune.calib.max_docs)")
     else:
-        calib_convs = read_conversations(c.data, c.max_docs)
-        eval_convs = read_conversations(e.data, e.max_docs)
+        calib_convs = read_conversations(c.data, c.max_docs, unreadable)
+        eval_convs = read_conversations(e.data, e.max_docs, unreadable)
     if not calib_convs:
         raise ConfigError(f"prune.calib.data: no usable conversations in {c.data.path}")
     calib_docs = tokenize_documents(tokenizer, calib_convs)
@@ -228,7 +236,8 @@ def build_windows(cfg: PruneConfig, tokenizer, max_positions: int | None):
     windows = make_windows(torch.tensor(stream), T, e.n_windows)
     summary = {"seqlen": T, "calib_docs": len(calib_docs), "calib_tokens": sum(map(len, calib_docs)),
                "calib_mode": info["mode"], "calib_deviation": info.get("deviation"),
-               "eval_docs": len(eval_convs), "eval_tokens": len(stream), "eval_windows": int(windows.shape[0])}
+               "eval_docs": len(eval_convs), "eval_tokens": len(stream), "eval_windows": int(windows.shape[0]),
+               "unreadable_files": unreadable}
     return calib, windows, summary
 
 

@@ -494,10 +494,12 @@ def _read_rows(shards: list[Path], idx: np.ndarray) -> list[dict]:
 def _read_target(path: str, limit: int) -> list[dict]:
     """The first ``limit`` usable rows of a target corpus, through the normalising readers."""
     from effsft.corpus.normalize import NormalizeOptions
-    from effsft.corpus.prepare import _good_rows, normalised_dataset
+    from effsft.corpus.prepare import good_rows
 
-    ds = normalised_dataset(path, NormalizeOptions()).map_batches(_good_rows, batch_format="pyarrow", num_cpus=0.25)
-    return ds.select_columns(["messages", "meta"]).limit(limit).take_all()
+    rows, unreadable = good_rows(path, NormalizeOptions(), limit, columns=("messages", "meta"))
+    if unreadable:
+        log.warning("less.target: unreadable files in %s (skipped): %s", path, [u["file"] for u in unreadable])
+    return rows
 
 
 def _read_zip_rows(shards: list[Path], ser: str) -> list[bytes]:
@@ -706,6 +708,7 @@ def run_select(cfg: SelectConfig) -> dict:
         "rows_not_selected_eligible": eligible - budget if eligible >= budget else 0,
         "rows_not_selected_ineligible": n_ok - eligible,
         "rejected_by_reason": corpus_counts["rejected_by_reason"],
+        "unreadable_files": corpus_counts.get("unreadable_files", []),
     }
     if counts["rows_in"] != counts["rows_selected"] + counts["rows_not_selected"] + counts["rows_rejected"]:
         raise RuntimeError(f"accounting: {counts}")

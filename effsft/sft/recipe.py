@@ -144,6 +144,12 @@ def run_sft(cfg: SFTConfig) -> dict:
     timings: dict = {}
     with timed(timings, "tokenize"):
         ds, counts = _data(cfg, work)
+    from effsft.corpus.rejects import unreadable_files
+
+    counts["unreadable_files"] = unreadable_files(work / "rejects.parquet")
+    if counts["unreadable_files"]:
+        log.warning("sft: unreadable files in data.path (listed in rejects.parquet and the manifest): %s",
+                    [u["file"] for u in counts["unreadable_files"]])
     steps = total_steps(cfg, counts["rows_ok"])
     with timed(timings, "train"):
         summary = fit(_loop_spec(cfg, steps, work), ds, work / "checkpoints", name="train")
