@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import shutil
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -104,20 +103,63 @@ def job_usage(name: str) -> str:
         lines.append("flag aliases:")
         lines += [f"  --{flag:<10} {key}" for flag, key in job.aliases.items()]
         lines.append("")
+    lines.append("run options (flags or key=value; not part of the config):")
+    lines += [f"  --{k:<10} {v}" for k, v in RUN_OPTIONS.items()]
+    lines.append("")
     lines.append("config keys (YAML or dotted key=value; --a.b value is a.b=value):")
     lines += config_reference(_load(job.config))
     return "\n".join(lines)
 
 
-def _fresh_work_dir(cfg) -> Path | None:
-    """The job's ``<output>.partial`` work dir if it does not exist yet (this run would make it)."""
-    from effsft.runtime import OutputDir
+# Options of the run, not of the job's result (never in the config or the manifest):
+# ``--wait`` (wait for another job writing the same output instead of exiting 2) and
+# ``--log_level`` (``info``: one line per stage + progress bars; ``debug``: framework logs too).
+RUN_OPTIONS = {"wait": "wait for another job holding the output's lock instead of exiting 2",
+               "log_level": "console verbosity: info (default) | debug (framework logs on the console too) | warning"}
 
-    output = getattr(cfg, "output", None)
-    if not isinstance(output, str):
-        return None
-    work = OutputDir(output).work
-    return None if work.exists() else work
+
+def split_run_options(overrides: list[str]) -> tuple[dict, list[str]]:
+    """Take ``wait=...`` / ``log_level=...`` out of the overrides."""
+    from effsft.config import parse_override
+
+    opts, rest = {}, []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip().lstrip("-")
+        if key in RUN_OPTIONS:
+            _, value = parse_override(item)
+            opts[key] = value
+        else:
+            rest.append(item)
+    if not isinstance(opts.get("wait", False), bool):
+        raise ConfigError(f"wait: must be true or false (got {opts['wait']!r})")
+    level = str(opts.get("log_level", "info")).lower()
+    if level not in ("debug", "info", "warning"):
+        raise ConfigError(f"log_level: must be debug, info or warning (got {opts['log_level']!r})")
+    opts["log_level"] = level
+    return opts, rest
+
+
+def failure_message(e: BaseException) -> str:
+    """One line for the console: a full disk or an unreadable file named plainly, else the
+    innermost error."""
+    import errno
+
+    from effsft.corpus.readers import UnreadableFileError
+
+    chain, cur, seen = [], e, set()
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        chain.append(cur)
+        cur = (cur.cause if isinstance(getattr(cur, "cause", None), BaseException) else None) or cur.__cause__ or cur.__context__
+    for c in chain:
+        if isinstance(c, OSError) and c.errno == errno.ENOSPC:
+            where = f" while writing {c.filename}" if c.filename else ""
+            return f"disk full{where}: {c.strerror or c}"
+        if isinstance(c, UnreadableFileError):
+            return str(c).splitlines()[0]
+    root = chain[-1]
+    text = str(root).strip().splitlines()
+    return f"{type(root).__name__}: {text[-1] if text else ''}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,26 +180,41 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         path, overrides = parse_job_args(rest, job.aliases)
+        run_opts, overrides = split_run_options(overrides)
         cfg = load_config(_load(job.config), path, overrides)
     except ConfigError as e:
         print(f"effsft {name}: config error: {e}", file=sys.stderr)
         return 2
-    from effsft.runtime import OutputExists
+    from effsft import interrupts, runtime
+    from effsft.outputlock import OutputLocked
 
-    fresh = _fresh_work_dir(cfg)
+    runtime.RUN.wait, runtime.RUN.job = run_opts.get("wait", False), name
+    runtime.RUN.argv = [sys.argv[0], *argv] if sys.argv else list(argv)
+    runtime.RUN.handle_signals = True
+    interrupts.install()
     try:
         result = _load(job.run)(cfg)
-    except (ConfigError, OutputExists) as e:
+    except (ConfigError, runtime.OutputExists, OutputLocked) as e:
         # A bad input found while setting up (no usable rows, a missing column) leaves nothing
         # behind: the work dir goes if this run made it (a crashed run's dir is kept to resume).
-        if fresh is not None and fresh.exists():
-            shutil.rmtree(fresh, ignore_errors=True)
+        runtime.release_outputs(remove_fresh_work=True)
         print(f"effsft {name}: {e}", file=sys.stderr)
         return 2
-    except Exception:
+    except (KeyboardInterrupt, interrupts.Terminated) as e:
+        held = [str(o.work) for o in runtime._OPEN if o.work.exists()]
+        interrupts.stop_workers()
+        runtime.release_outputs()
+        what = "SIGTERM" if isinstance(e, interrupts.Terminated) else "SIGINT"
+        kept = f"; work kept in {', '.join(held)}: run the same command again to resume" if held else ""
+        print(f"effsft {name}: interrupted ({what}), workers stopped{kept}", file=sys.stderr)
+        return interrupts.exit_code(e)
+    except Exception as e:
         traceback.print_exc()
-        print(f"effsft {name}: failed", file=sys.stderr)
+        runtime.release_outputs()
+        print(f"effsft {name}: failed: {failure_message(e)}", file=sys.stderr)
         return 1
+    finally:
+        runtime.release_outputs()
     print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -115,6 +115,13 @@ def init_ray(**overrides) -> dict:
                 **kwargs,
             )
         mode = "local"
+    if RUN.handle_signals:
+        # ray.init installs its own fatal-signal handlers (SIGTERM -> abort, no clean-up):
+        # take SIGTERM/SIGINT back so that a stopped job exits 143/130 and leaves a resumable
+        # <out>.partial/ (effsft.interrupts).
+        from effsft import interrupts
+
+        interrupts.install()
     desc = {"mode": mode, "address": address, "resources": ray.cluster_resources()}
     log.info("ray %s: %s", mode, desc["resources"])
     return desc
@@ -124,40 +131,81 @@ class OutputExists(RuntimeError):
     pass
 
 
+class RunOptions:
+    """Per-process options of the running job that do not change its result (set by the CLI):
+    ``wait`` for another job holding an output's lock, the job name and argv for the lock."""
+
+    wait: bool = False
+    job: str | None = None
+    argv: list[str] | None = None
+    handle_signals: bool = False   # the CLI's driver: SIGTERM/SIGINT -> a clean, resumable stop
+
+
+RUN = RunOptions()
+_OPEN: list["OutputDir"] = []   # output dirs this process holds (claimed, not yet committed/released)
+
+
 def worker_path(path: str) -> str:
     """Ray workers run in another directory: hand them absolute local paths (URIs unchanged)."""
     return path if "://" in path else str(Path(path).resolve())
 
 
 class OutputDir:
-    """An output directory that appears atomically.
+    """An output directory that appears atomically, with one writer at a time.
 
     Work happens in ``<out>.partial/``, which survives a crash so that the job can resume from
     what it finished (e.g. scored shards). ``commit()`` writes ``_SUCCESS`` last and renames the
     work dir into place. A finished output (``_SUCCESS`` present) is never overwritten unless
-    ``overwrite`` is set.
+    ``overwrite`` is set. ``open()`` first claims ``<out>.lock`` (:mod:`effsft.outputlock`):
+    a second job on the same output waits (``wait``, default the CLI's ``--wait``) or fails
+    naming the holder.
     """
 
-    def __init__(self, path: str | os.PathLike, overwrite: bool = False):
+    def __init__(self, path: str | os.PathLike, overwrite: bool = False, wait: bool | None = None):
         self.final = Path(path).resolve()
         self.work = self.final.with_name(self.final.name + ".partial")
+        self.lock_path = self.final.with_name(self.final.name + ".lock")
         self.overwrite = overwrite
+        self.wait = RUN.wait if wait is None else wait
+        self.created_work = False   # this process made <out>.partial (a setup error removes it)
+        self._lock = None
 
     @property
     def done(self) -> bool:
         return (self.final / "_SUCCESS").exists()
 
+    def claim(self) -> None:
+        """Take the output's lock (waits or raises :class:`~effsft.outputlock.OutputLocked`)."""
+        from effsft.outputlock import OutputLock
+
+        if self._lock is None:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = OutputLock(self.lock_path, job=RUN.job, argv=RUN.argv, wait=self.wait).acquire()
+            _OPEN.append(self)
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if self in _OPEN:
+            _OPEN.remove(self)
+
     def open(self) -> Path:
-        if self.final.exists():
-            if self.done and not self.overwrite:
-                raise OutputExists(f"output {self.final} is already complete (has _SUCCESS); "
-                                   "pass overwrite=true or choose another output")
-            if not self.done:
-                # A foreign, unfinished directory: never silently mix with it.
-                if any(self.final.iterdir()) and not self.overwrite:
-                    raise OutputExists(f"output {self.final} exists without _SUCCESS; remove it "
-                                       "or pass overwrite=true")
-        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.claim()
+        try:
+            if self.final.exists():
+                if self.done and not self.overwrite:
+                    raise OutputExists(f"output {self.final} is already complete (has _SUCCESS); "
+                                       "pass overwrite=true or choose another output")
+                if not self.done:
+                    # A foreign, unfinished directory: never silently mix with it.
+                    if any(self.final.iterdir()) and not self.overwrite:
+                        raise OutputExists(f"output {self.final} exists without _SUCCESS; remove it "
+                                           "or pass overwrite=true")
+        except BaseException:
+            self.release()
+            raise
+        self.created_work = not self.work.exists()
         self.work.mkdir(parents=True, exist_ok=True)
         return self.work
 
@@ -166,18 +214,34 @@ class OutputDir:
         return self.work.exists() and any(self.work.iterdir())
 
     def commit(self) -> Path:
-        (self.work / "_SUCCESS").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
-        if self.final.exists():
-            trash = self.final.with_name(f".{self.final.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(self.final, trash)
-            os.rename(self.work, self.final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(self.work, self.final)
+        # _SUCCESS via temp + fsync + rename: a full disk leaves no half-written marker.
+        atomic_write_bytes(self.work / "_SUCCESS", (time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n").encode())
+        try:
+            if self.final.exists():
+                trash = self.final.with_name(f".{self.final.name}.old-{uuid.uuid4().hex[:8]}")
+                os.rename(self.final, trash)
+                os.rename(self.work, self.final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.rename(self.work, self.final)
+        except BaseException:
+            (self.work / "_SUCCESS").unlink(missing_ok=True)
+            raise
+        self.release()
         return self.final
 
     def discard(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
+        self.release()
+
+
+def release_outputs(remove_fresh_work: bool = False) -> None:
+    """Release every output lock this process holds (the CLI calls it when a job ends);
+    with ``remove_fresh_work``, also remove the work dirs this run created (a setup error)."""
+    for out in list(_OPEN):
+        if remove_fresh_work and out.created_work:
+            shutil.rmtree(out.work, ignore_errors=True)
+        out.release()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

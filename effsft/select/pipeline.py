@@ -39,11 +39,31 @@ class PoolSpec:
 @dataclass(frozen=True)
 class Fault:
     """Fault injection for tests: kill a scoring actor once after ``kill_actor_after_batches``
-    batches; stop the driver (as if interrupted) after ``stop_after_shards`` written shards."""
+    batches; stop the driver (as if interrupted) after ``stop_after_shards`` written shards;
+    hold the driver (once per job, up to ``HOLD_S``) after ``hold_after_shards`` written shards,
+    so that a test can signal it at a known point (``<marker_dir>/holding`` says when)."""
 
     kill_actor_after_batches: int | None = None
     stop_after_shards: int | None = None
     marker_dir: str | None = None
+    hold_after_shards: int | None = None
+
+
+HOLD_S = 300
+
+
+def _hold(fault: Fault) -> None:
+    marker = Path(fault.marker_dir) / "holding"
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return  # fire once per job (a resumed run goes on)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    log.warning("fault injection: driver holds after %d shards (up to %d s)", fault.hold_after_shards, HOLD_S)
+    deadline = time.monotonic() + HOLD_S
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 class Interrupted(RuntimeError):
@@ -137,6 +157,8 @@ def score_shards(store: ScoreStore, shard_paths: list[Path], factory: Callable[.
                 store.write(s, pa.concat_tables(parts.pop(s)), expected[s])
                 stats.shards_scored += 1
                 stats.rows_scored += expected[s]
+                if fault.hold_after_shards is not None and stats.shards_scored == fault.hold_after_shards:
+                    _hold(fault)
                 if fault.stop_after_shards is not None and stats.shards_scored >= fault.stop_after_shards:
                     raise Interrupted(f"fault injection: stopped after {stats.shards_scored} shards")
     missing = [s for s in pending if not store.done(s)]

@@ -121,6 +121,7 @@ class LessSection(Strict):
 class FaultSection(Strict):
     kill_actor_after_batches: Optional[int] = None
     stop_after_shards: Optional[int] = None
+    hold_after_shards: Optional[int] = None   # tests: the driver waits there once, to be signalled
 
 
 class SelectConfig(Strict):
@@ -173,8 +174,12 @@ def prepare(cfg: SelectConfig, cache: Path, timings: dict) -> tuple[Path, dict, 
     opts = cfg.input.normalize_options()
     with timed(timings, "fingerprint"):
         fp = fingerprint(cfg.input.path, options=(opts, cfg.input.split, cfg.input.shard_rows))
-    out = OutputDir(cache / f"corpus-{fp[:16]}", overwrite=True)
+    out = OutputDir(cache / f"corpus-{fp[:16]}", overwrite=True, wait=True)  # shared cache: wait
     if not out.done:
+        out.claim()  # another job preparing the same corpus: wait for it, then reuse its result
+    if out.done:
+        out.release()
+    else:
         work = out.open()
         with timed(timings, "prepare"):
             counts = prepare_corpus(cfg.input.path, work, opts=opts, shard_rows=cfg.input.shard_rows,
@@ -239,7 +244,8 @@ def run_scorer(cfg: SelectConfig, cache: Path, shards: list[Path], corpus_fp: st
     cpu_only = name in ("length", "zip_g") or (name.startswith("emb_") and cfg.embed.kind == "lexical")
     pool = PoolSpec(concurrency=cfg.scorer.concurrency, num_cpus=cfg.scorer.num_cpus,
                     num_gpus=0.0 if cpu_only else cfg.scorer.num_gpus, batch_size=cfg.scorer.batch_size)
-    fault = Fault(cfg.fault.kill_actor_after_batches, cfg.fault.stop_after_shards, str(marker_dir))
+    fault = Fault(cfg.fault.kill_actor_after_batches, cfg.fault.stop_after_shards, str(marker_dir),
+                  cfg.fault.hold_after_shards)
     stats = score_shards(store, shards, factory, kwargs, pool, fault)
     log.info("scorer %s: %d shards reused, %d scored (%.1f rows/s)", store.key, stats.shards_reused,
              stats.shards_scored, stats.rows_per_s)
@@ -297,8 +303,13 @@ def less_warmup(cfg: SelectConfig, cache: Path, shards: list[Path], ranks: np.nd
     blob = json.dumps({"corpus": corpus_fp, "model": model_fp, "less": le.model_dump(), "seed": cfg.seed,
                        "template": cfg.model.template},
                       sort_keys=True)
-    out = OutputDir(cache / f"less-{hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()}", overwrite=True)
+    out = OutputDir(cache / f"less-{hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()}", overwrite=True,
+                    wait=True)
     if not out.done:
+        out.claim()  # another job warming up the same LESS model: wait for it
+    if out.done:
+        out.release()
+    else:
         work = out.open()
         warm_rows = _read_rows(shards, warm_idx)
         tgt_rows = _read_rows(shards, hold_idx) if le.target == "holdout" else _read_target(le.target, le.target_rows)

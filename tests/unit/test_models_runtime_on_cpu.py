@@ -56,6 +56,7 @@ def test_output_dir_is_atomic_and_resumable(tmp_path):
     work = out.open()
     (work / "part").write_text("1")
     assert not (tmp_path / "job").exists()           # nothing visible before commit
+    out.release()                                    # the first run ends (crash: its lock goes)
     again = OutputDir(tmp_path / "job")
     assert again.resuming                            # a re-run sees the finished parts
     again.open()
