@@ -32,6 +32,9 @@ STALE_AFTER_S = float(os.environ.get("EFFSFT_LOCK_STALE_S", "120"))
 POLL_S = 1.0
 
 
+_LIVE: dict[str, "OutputLock"] = {}  # locks this process holds, by token
+
+
 class OutputLocked(RuntimeError):
     """Another live job holds the output's lock (and this job was not told to wait)."""
 
@@ -112,6 +115,15 @@ class OutputLock:
             holder, age = read_holder(self.path)
             if holder is None:
                 continue  # released in between: try again at once
+            if holder.get("host") == self.host and holder.get("pid") == os.getpid():
+                # This process's own earlier run on the output (a library call that failed and
+                # is run again; a driver runs its jobs one after another): re-entrant.
+                old = _LIVE.get(holder.get("token"))
+                if old is not None:
+                    old.release()
+                elif holder.get("token"):
+                    self.path.unlink(missing_ok=True)
+                continue
             reason = stale_reason(holder, age, self.host, self.boot, self.stale_after_s)
             if reason is not None:
                 self._take_over(holder, reason)
@@ -124,6 +136,7 @@ class OutputLock:
                 waited = True
             time.sleep(self.poll_s)
         self.held = True
+        _LIVE[self.info["token"]] = self
         self._thread = threading.Thread(target=self._beat, name=f"effsft-lock-{self.path.name}", daemon=True)
         self._thread.start()
         return self
@@ -136,6 +149,7 @@ class OutputLock:
         if self.held and self.owned():
             self.path.unlink(missing_ok=True)
         self.held = False
+        _LIVE.pop(self.info["token"], None)
 
     def owned(self) -> bool:
         holder, _ = read_holder(self.path)

@@ -179,6 +179,8 @@ class OutputDir:
         from effsft.outputlock import OutputLock
 
         if self._lock is None:
+            for other in [o for o in _OPEN if o.lock_path == self.lock_path]:
+                other.release()  # this process's earlier (failed) run on the same output
             self.final.parent.mkdir(parents=True, exist_ok=True)
             self._lock = OutputLock(self.lock_path, job=RUN.job, argv=RUN.argv, wait=self.wait).acquire()
             _OPEN.append(self)

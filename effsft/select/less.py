@@ -380,7 +380,7 @@ def _save_checkpoint(path: Path, model, opt, names: list[str], epoch: int, mean_
 
 
 def less_warmup(model: torch.nn.Module, tokenizer, messages_list, out_dir: str | Path,
-                s: WarmupSettings = WarmupSettings()) -> list[Path]:
+                s: WarmupSettings = WarmupSettings(), log_step=None) -> list[Path]:
     """LoRA warm-up on ``messages_list``; one checkpoint directory per epoch.
 
     AdamW (β = 0.9, 0.999, ε = 1e-8) on the LoRA parameters, linear decay after a linear
@@ -395,9 +395,13 @@ def less_warmup(model: torch.nn.Module, tokenizer, messages_list, out_dir: str |
         messages_list: canonical conversations of the warm-up slice.
         out_dir: where to write the checkpoints.
         s: settings.
+        log_step: called with each step's metrics row (``step``, ``epoch``, ``loss``, ``lr``,
+            ``tokens``, ``tokens_per_s``), e.g. a :class:`~effsft.train.tracking.Tracker`'s ``log``.
     Returns:
         The checkpoint directories, one per epoch.
     """
+    import time
+
     from effsft.train.schedule import lr_factor
 
     torch.manual_seed(s.seed)
@@ -426,16 +430,23 @@ def less_warmup(model: torch.nn.Module, tokenizer, messages_list, out_dir: str |
             for grp in opt.param_groups:
                 grp["lr"] = lr
             n_tok = sum(sum(1 for y in r[1][1:] if y != IGNORE) for r in batch)
+            t0, loss_sum = time.perf_counter(), 0.0
             for m0 in range(0, len(batch), s.micro_batch_size):
                 ids, labels, mask = (t.to(device) for t in _collate(batch[m0:m0 + s.micro_batch_size], pad_id))
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [b, T, V]
                 keep = (labels[:, 1:] != IGNORE).sum(1)
                 # token mean over the whole batch (HF Trainer's loss), split over micro-batches
-                (response_loss(logits, labels) * keep).sum().div(max(n_tok, 1)).backward()
+                loss = (response_loss(logits, labels) * keep).sum().div(max(n_tok, 1))
+                loss.backward()
+                loss_sum += float(loss.detach())
             opt.step()
             opt.zero_grad(set_to_none=True)
             lrs.append(lr)
             step += 1
+            if log_step is not None:
+                dt = time.perf_counter() - t0
+                log_step({"step": step, "epoch": epoch, "loss": loss_sum, "lr": lr, "tokens": n_tok,
+                          "tokens_per_s": n_tok / dt if dt > 0 else 0.0})
         path = Path(out_dir) / f"epoch-{epoch}"
         _save_checkpoint(path, model, opt, names, epoch, float(np.mean(lrs)), step)
         out.append(path)
@@ -520,8 +531,14 @@ def prepare_checkpoints(model_path: str, warmup_messages, target_messages, targe
     def base():
         return load_model(model_path, dtype="float32", device=device, trust_remote_code=trust_remote_code)
 
+    from effsft.train.tracking import Tracker, TrackingSpec
+
     tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code, template=template)
-    paths = less_warmup(base(), tok, warmup_messages, out_dir, s)
+    tracker = Tracker.open(tracking or TrackingSpec(), out_dir)  # <out_dir>/tb: the warm-up's loss, lr, tokens/s
+    try:
+        paths = less_warmup(base(), tok, warmup_messages, out_dir, s, log_step=tracker.log)
+    finally:
+        tracker.close()
     info: dict = {"checkpoints": []}
     groups = np.asarray([str(x) for x in target_groups])
     for path in paths:

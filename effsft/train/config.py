@@ -9,6 +9,7 @@ from typing import List, Literal, Optional
 from pydantic import Field, model_validator
 
 from effsft.config import ModelSpec, OutputPath, Strict
+from effsft.train.tracking import TrackingSpec
 
 
 class TrainSpec(Strict):
@@ -42,6 +43,10 @@ class TrainSpec(Strict):
     log_every: int = Field(1, ge=1)
     chunk_tokens: int = Field(1024, ge=1)         # lm_head rows per loss chunk (no B x T x V fp32 logits)
     gradient_checkpointing: bool = False
+    # a step with a non-finite loss or gradients (any rank): skip = no update, go on (fails past
+    # max_nan_steps skipped steps); stop = fail at once (effsft.train.faults)
+    on_nan: Literal["skip", "stop"] = "skip"
+    max_nan_steps: int = Field(10, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -75,6 +80,7 @@ class FaultSpec(Strict):
     in the run's storage directory remembers it), so the restarted worker group gets past it."""
 
     kill_rank_at_step: Optional[KillAt] = None
+    nan_at_steps: List[int] = []   # 1-based optimizer steps whose loss is made NaN (train.on_nan tests)
 
 
 def check_train_lora(train: TrainSpec, lora: LoraSpec) -> None:
@@ -91,4 +97,10 @@ class TrainJobConfig(Strict):
     output: OutputPath
     train: TrainSpec = TrainSpec()
     fault: FaultSpec = FaultSpec()
+    tracking: TrackingSpec = TrackingSpec()
     overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _tracking_available(self):
+        self.tracking.check()  # wandb / mlflow are optional packages: name the missing one
+        return self

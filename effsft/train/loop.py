@@ -33,6 +33,7 @@ import torch
 
 from effsft.runtime import worker_path
 from effsft.train.config import FaultSpec, LoraSpec, TrainSpec
+from effsft.train.tracking import TrackingSpec
 
 log = logging.getLogger("effsft.train")
 
@@ -92,6 +93,7 @@ class LoopSpec:
     attn_implementation: Optional[str] = None
     template: str = "auto"        # model.template: the saved tokenizer carries the one trained with
     step_source: Optional[StepSource] = None   # None: micro-batches from the "train" dataset shard
+    tracking: TrackingSpec = TrackingSpec()    # rank 0's metrics also to <out_dir>/tb (+ wandb/mlflow)
 
     @classmethod
     def for_job(cls, cfg, loss_fn: LossFn, total_steps: int, out_dir, *, train: Optional[TrainSpec] = None,
@@ -101,7 +103,8 @@ class LoopSpec:
         return cls(model_path=worker_path(m.path), train=train or cfg.train, lora=lora or LoraSpec(),
                    fault=cfg.fault, loss_fn=loss_fn, total_steps=total_steps, out_dir=str(out_dir),
                    dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-                   attn_implementation=m.attn_implementation, template=m.template, step_source=step_source)
+                   attn_implementation=m.attn_implementation, template=m.template, step_source=step_source,
+                   tracking=getattr(cfg, "tracking", None) or TrackingSpec())
 
 
 class LossModule(torch.nn.Module):
@@ -204,9 +207,10 @@ class MetricsLog:
     """Rank 0's JSONL log; on resume, lines after the restored step are dropped (they will be
     produced again) so the log holds each step once."""
 
-    def __init__(self, path: str | Path, rank: int, resume_step: int):
+    def __init__(self, path: str | Path, rank: int, resume_step: int, tracker=None):
         self.path = Path(path)
         self.active = rank == 0
+        self.tracker = tracker  # effsft.train.tracking.Tracker: the same rows to TensorBoard/wandb/MLflow
         if self.active and self.path.exists():
             keep = [ln for ln in self.path.read_text().splitlines()
                     if ln.strip() and json.loads(ln)["step"] <= resume_step]
@@ -216,6 +220,12 @@ class MetricsLog:
         if self.active:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.tracker is not None:
+                self.tracker.log(row)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -262,12 +272,10 @@ def restore(engine, lora: LoraSpec) -> Position | None:
     run name); None when starting fresh."""
     import ray.train
 
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
-    with ckpt.as_directory() as d:
-        _, client = engine.load_checkpoint(d, tag=CKPT_TAG, load_module_strict=not lora.enabled)
-    return Position(**client["position"])
+    from effsft.train.faults import restore_latest_readable  # falls back past a corrupt checkpoint
+
+    client = restore_latest_readable(engine, CKPT_TAG, load_module_strict=not lora.enabled)
+    return None if client is None else Position(**client["position"])
 
 
 # ---- the worker loop -------------------------------------------------------------------
@@ -309,8 +317,13 @@ def train_loop_per_worker(config: dict) -> dict | None:
     tok = load_tokenizer(spec.model_path, trust_remote_code=spec.trust_remote_code, template=spec.template)
     model = load_trainable_model(spec.model_path, dtype, spec.lora, spec.trust_remote_code,
                                  spec.attn_implementation, tr.gradient_checkpointing)
-    engine = build_engine(LossModule(model, spec.loss_fn), tr, spec.total_steps,
+    from effsft.train.faults import NanGuard
+    from effsft.train.tracking import Tracker
+
+    nan_guard = NanGuard(tr.on_nan, tr.max_nan_steps, spec.fault.nan_at_steps)
+    engine = build_engine(LossModule(model, nan_guard.wrap_loss(spec.loss_fn)), tr, spec.total_steps,
                           bf16=dtype == torch.bfloat16)
+    nan_guard.attach(engine)
     restored = restore(engine, spec.lora)
     pos = restored or Position()
     resumed_from = restored.step if restored else None
@@ -323,7 +336,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
                                seed=tr.seed, shuffle_buffer=tr.shuffle_buffer)
     else:
         source.setup(engine, tok, base_ctx, pos.step)
-    mlog = MetricsLog(Path(spec.out_dir) / METRICS_FILE, rank, pos.step)
+    mlog = MetricsLog(Path(spec.out_dir) / METRICS_FILE, rank, pos.step,
+                      Tracker.open(spec.tracking, spec.out_dir, pos.step, rank))
     setup_s = time.perf_counter() - t_setup
     t_train, tokens, last = time.perf_counter(), 0, {}
     while pos.step < spec.total_steps:
@@ -333,6 +347,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         data_s = time.perf_counter() - t0
         m = run_step(engine, micro, ctx)
         pos.step += 1
+        m.update(nan_guard.end_step(engine, pos.step))
         extra = source.after_step(engine, pos.step, ctx) if source is not None else {}
         dt = time.perf_counter() - t0
         tokens += m["tokens"]
@@ -345,6 +360,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         elif pos.step % tr.log_every == 0:
             ray.train.report(last)
     train_s = time.perf_counter() - t_train
+    mlog.close()
     save_hf_model(engine, tok, Path(spec.out_dir) / "model",
                   rank, spec.lora)
     if rank != 0:
@@ -352,5 +368,5 @@ def train_loop_per_worker(config: dict) -> dict | None:
     return {"steps": pos.step, "resumed_from_step": resumed_from,
             "final_loss": last.get("loss"), "tokens": tokens, "setup_s": round(setup_s, 3),
             "train_s": round(train_s, 3),
-            "tokens_per_s": tokens / train_s if train_s > 0 else None,
+            "tokens_per_s": tokens / train_s if train_s > 0 else None, **nan_guard.summary(),
             **(source.summary() if source is not None else {})}

@@ -31,15 +31,39 @@ def _write_lock(path, **holder):
     return info
 
 
+def _holder_process(path) -> subprocess.Popen:
+    """Another live process that holds the lock at ``path`` until killed."""
+    code = ("import sys,time; from effsft.outputlock import OutputLock; "
+            "OutputLock(sys.argv[1], job='select', argv=['effsft','select','x=1']).acquire(); "
+            "print('held', flush=True); time.sleep(120)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
 def test_lock_names_its_holder_and_a_second_writer_fails_naming_it(tmp_path):
-    lock = OutputLock(tmp_path / "out.lock", job="select", argv=["effsft", "select", "x=1"]).acquire()
-    holder, _ = read_holder(tmp_path / "out.lock")
-    assert holder["pid"] == os.getpid() and holder["host"] and holder["argv"][-1] == "x=1"
-    with pytest.raises(OutputLocked, match=rf"pid {os.getpid()} on .*--wait"):
-        OutputLock(tmp_path / "out.lock").acquire()
+    p = _holder_process(tmp_path / "out.lock")
+    try:
+        holder, _ = read_holder(tmp_path / "out.lock")
+        assert holder["pid"] == p.pid and holder["host"] and holder["argv"][-1] == "x=1"
+        with pytest.raises(OutputLocked, match=rf"pid {p.pid} on .*x=1.*--wait"):
+            OutputLock(tmp_path / "out.lock").acquire()
+    finally:
+        p.kill()
+        p.wait()
+    lock = OutputLock(tmp_path / "out.lock").acquire()  # the holder died: taken over
+    assert lock.owned()
     lock.release()
     assert not (tmp_path / "out.lock").exists()
-    OutputLock(tmp_path / "out.lock").acquire().release()
+
+
+def test_the_same_process_may_reopen_its_own_output(tmp_path):
+    """A failed in-process run (demo, library use) does not lock its own re-run out."""
+    first = OutputLock(tmp_path / "out.lock").acquire()
+    second = OutputLock(tmp_path / "out.lock").acquire()
+    assert second.owned() and not first.owned()
+    second.release()
 
 
 class _Records(logging.Handler):
@@ -97,9 +121,8 @@ def test_heartbeat_touches_the_lock_and_wait_waits_for_the_holder(tmp_path):
 def test_output_dir_claims_and_commit_releases(tmp_path):
     out = OutputDir(tmp_path / "job")
     out.open()
-    assert (tmp_path / "job.lock").exists()
-    with pytest.raises(OutputLocked):
-        OutputDir(tmp_path / "job").open()
+    holder, _ = read_holder(tmp_path / "job.lock")
+    assert holder["pid"] == os.getpid()
     out.commit()
     assert not (tmp_path / "job.lock").exists() and (tmp_path / "job" / "_SUCCESS").exists()
 

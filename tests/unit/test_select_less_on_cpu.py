@@ -192,8 +192,18 @@ def test_warmup_checkpoints_and_features(tmp_path):
     tok = char_tokenizer()
     s = less.WarmupSettings(lora=LORA, epochs=2, lr=1e-3, warmup_ratio=0.25, batch_size=4,
                             micro_batch_size=2, max_len=64, seed=0)
-    paths = less.less_warmup(_tiny_llama(), tok, [_msgs(i) for i in range(10)], tmp_path, s)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from effsft.train.tracking import Tracker, TrackingSpec
+
+    tracker = Tracker.open(TrackingSpec(), tmp_path)
+    paths = less.less_warmup(_tiny_llama(), tok, [_msgs(i) for i in range(10)], tmp_path, s, log_step=tracker.log)
+    tracker.close()
     assert [p.name for p in paths] == ["epoch-0", "epoch-1"]
+    acc = EventAccumulator(str(tmp_path / "tb"))  # the warm-up's metrics, for TensorBoard
+    acc.Reload()
+    assert {"loss", "lr", "tokens_per_s"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
     # 3 steps per epoch, 6 total, 2 warm-up steps, linear decay
     lrs = [1e-3 * lr_factor(t, 2, 6, "linear") for t in range(6)]
     infos = [json.loads((p / "info.json").read_text()) for p in paths]
