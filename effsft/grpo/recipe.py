@@ -76,6 +76,9 @@ class RewardSpec(Strict):
 
     mode: Literal["task", "inline"] = "task"
     num_cpus: float = Field(0.25, gt=0)    # per reward task
+    # per call (one function over one rollout batch): a call that raises or runs longer scores 0
+    # for the batch, logged (reward_errors in metrics.jsonl, reward_errors.jsonl); null = no limit
+    timeout_s: Optional[float] = Field(60.0, gt=0)
 
 
 class RolloutSpec(Strict):
@@ -148,6 +151,7 @@ class GRPOSource:
     prompts: PromptSet
     cfg: GRPOConfig
     grouped: bool
+    out_dir: Optional[str] = None   # rank 0 appends reward_errors.jsonl here
     _state: dict = field(default_factory=dict, repr=False)
 
     # -- StepSource ---------------------------------------------------------------------------
@@ -233,10 +237,12 @@ class GRPOSource:
         texts = [tok.decode(c.tolist(), skip_special_tokens=True) for cs in comps for c in cs]
         cols = {k: [v[i] for i in idx for _ in range(G)] for k, v in ps.columns.items()}
         t1 = time.perf_counter()
+        errors: list = []
         total, per = score([f.fn for f in cfg.reward_funcs], [f.weight for f in cfg.reward_funcs],
                            [ps.texts[i] for i in idx for _ in range(G)], texts, cols,
-                           cfg.reward.mode, cfg.reward.num_cpus, cfg.answer.rule())
+                           cfg.reward.mode, cfg.reward.num_cpus, cfg.answer.rule(), cfg.reward.timeout_s, errors)
         reward_s = time.perf_counter() - t1
+        _log_reward_errors(self.out_dir, step, errors)
         ro = C.make_rollout(prompts, comps, total, per, G, cfg.scale_rewards)
         shards = C.shard_groups(P, ctx.world_size, ctx.grad_accum)
         n_tok = sum(r["tokens"] for r in results)
@@ -244,7 +250,7 @@ class GRPOSource:
             **C.rollout_metrics(ro, [f.fn.rsplit(":", 1)[-1] for f in cfg.reward_funcs]),
             "rollout_s": rollout_s, "reward_s": reward_s, "rollout_tokens": n_tok,
             "rollout_tokens_per_s": n_tok / rollout_s if rollout_s > 0 else math.nan,
-            "rollout_version": min(r["version"] for r in results),
+            "rollout_version": min(r["version"] for r in results), "reward_errors": len(errors),
             "sample_completion": texts[0][:200]}
         return [C.micro_batch_payloads(ro, shards[r]) for r in range(ctx.world_size)]
 
@@ -260,6 +266,17 @@ class GRPOSource:
                                                  self.cfg.temperature).cpu()
             if ref is not None:
                 b["ref_logps"] = frozen_logprobs(ref, _on(b, ref), self.grouped, self.cfg.temperature).cpu()
+
+
+def _log_reward_errors(out_dir: str | None, step: int, errors: list) -> None:
+    """One line per failed reward call in ``<out>/reward_errors.jsonl`` (rank 0), and a warning."""
+    import json
+
+    for fn, err in errors:
+        log.warning("step %d: reward function %s failed (scored 0 for the batch): %s", step + 1, fn, err)
+        if out_dir:
+            with open(Path(out_dir) / "reward_errors.jsonl", "a") as f:
+                f.write(json.dumps({"step": step + 1, "fn": fn, "error": err}) + "\n")
 
 
 def _on(batch: dict, model) -> dict:
@@ -504,7 +521,7 @@ def run_grpo(cfg: GRPOConfig) -> dict:
     steps = total_steps(cfg, counts["prompts_ok"])
     actors = start_actors(cfg)
     try:
-        source = GRPOSource(actors, prompts, cfg, use_grouping(cfg))
+        source = GRPOSource(actors, prompts, cfg, use_grouping(cfg), str(work))
         with timed(timings, "train"):
             summary = fit(_loop_spec(cfg, steps, work, source), None, work / "checkpoints", name="train")
         rollout_sums = ray.get([a.weights_checksum.remote() for a in actors])
@@ -521,6 +538,9 @@ def run_grpo(cfg: GRPOConfig) -> dict:
     inputs = {"model": describe_model(cfg.model),
               "data": {"path": cfg.data.path, "fingerprint": fingerprint(cfg.data.path)}}
     rewards = [r.get("reward_mean") for r in rows]
+    errs = sum(int(r.get("reward_errors", 0)) for r in rows)
+    if errs:
+        counts["reward_errors"] = errs
     metrics = {**summary, "first_reward": rewards[0] if rewards else None,
                "last_reward": rewards[-1] if rewards else None, "rollout_checksums": rollout_sums,
                **{k: v for k, v in sync.items() if k != "trainer_checksum"}}

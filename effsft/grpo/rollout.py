@@ -122,29 +122,48 @@ class RolloutWorker:
 
 
 def score_task(fn_spec: str, prompts: list[str], completions: list[str], columns: dict,
-               rule=None) -> list[float]:
+               rule=None, timeout_s: float | None = None) -> tuple[list[float], str | None]:
     """One reward function over a batch, as a Ray task body (the function is resolved by its
-    import path inside the task, so user code only has to be importable on the cluster)."""
+    import path inside the task, so user code only has to be importable on the cluster).
+    Returns ``(rewards, error)``: a call that raises, hangs past ``timeout_s`` or returns a
+    bad column scores 0 for every completion, with the error (effsft.grpo.reward_guard)."""
     from effsft.grpo.controller import rewards_column
+    from effsft.grpo.reward_guard import call_with_timeout, failed_rewards
     from effsft.grpo.rewards import load_reward_fn
 
-    fn = load_reward_fn(fn_spec, rule)
-    return rewards_column(fn(prompts, completions, **columns), len(completions))
+    def run():
+        fn = load_reward_fn(fn_spec, rule)
+        return rewards_column(fn(prompts, completions, **columns), len(completions))
+
+    values, error = call_with_timeout(run, timeout_s=timeout_s)
+    return (failed_rewards(len(completions)), error) if error else (values, None)
 
 
 def score(fn_specs: Sequence[str], weights: Sequence[float], prompts: list[str], completions: list[str],
-          columns: dict, mode: str = "inline", num_cpus: float = 0.25, rule=None):
+          columns: dict, mode: str = "inline", num_cpus: float = 0.25, rule=None, timeout_s: float | None = None,
+          errors: list | None = None):
     """Rewards of a rollout batch: ``(total [N], per_func [N, K])``; one Ray task per reward
     function with ``mode="task"``, in this process with ``mode="inline"``. ``rule`` is the
-    job's :class:`~effsft.corpus.answer.AnswerRule` (for the built-in ``exact_match``)."""
+    job's :class:`~effsft.corpus.answer.AnswerRule` (for the built-in ``exact_match``).
+    A function that fails or runs past ``timeout_s`` gives 0s; ``(fn, error)`` goes to ``errors``."""
     from effsft.grpo.controller import combine_per_func
+    from effsft.grpo.reward_guard import GRACE_S, failed_rewards
 
     if mode == "task":
         import ray
 
-        task = ray.remote(num_cpus=num_cpus)(score_task)
+        task = ray.remote(num_cpus=num_cpus, max_retries=0)(score_task)
         args = (ray.put(prompts), ray.put(completions), ray.put(columns))
-        per = ray.get([task.remote(f, *args, rule) for f in fn_specs])
+        refs = [task.remote(f, *args, rule, timeout_s) for f in fn_specs]
+        results = []
+        for f, ref in zip(fn_specs, refs):
+            try:
+                results.append(ray.get(ref, timeout=None if timeout_s is None else timeout_s + GRACE_S))
+            except Exception as e:  # the task itself died or hung past the grace period
+                ray.cancel(ref, force=True)
+                results.append((failed_rewards(len(completions)), f"{type(e).__name__}: {e}"[:500]))
     else:
-        per = [score_task(f, prompts, completions, columns, rule) for f in fn_specs]
-    return combine_per_func(per, weights)
+        results = [score_task(f, prompts, completions, columns, rule, timeout_s) for f in fn_specs]
+    if errors is not None:
+        errors += [(f, err) for f, (_, err) in zip(fn_specs, results) if err]
+    return combine_per_func([values for values, _ in results], weights)
