@@ -163,8 +163,6 @@ def failure_message(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from effsft.runtime import setup_logging
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -177,10 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in rest):
         print(job_usage(name))
         return 0
-    setup_logging()
+    from effsft import console
+
     try:
         path, overrides = parse_job_args(rest, job.aliases)
         run_opts, overrides = split_run_options(overrides)
+        console.setup(run_opts["log_level"])
         cfg = load_config(_load(job.config), path, overrides)
     except ConfigError as e:
         print(f"effsft {name}: config error: {e}", file=sys.stderr)
@@ -191,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     runtime.RUN.wait, runtime.RUN.job = run_opts.get("wait", False), name
     runtime.RUN.argv = [sys.argv[0], *argv] if sys.argv else list(argv)
     runtime.RUN.handle_signals = True
+    output = getattr(cfg, "output", None)
+    runtime.RUN.output = Path(output).resolve() if isinstance(output, str) else None
+    if name == "demo" and runtime.RUN.output is not None:  # the demo's stages share its logs/
+        console.log_to(runtime.RUN.output / "logs")
     interrupts.install()
     try:
         result = _load(job.run)(cfg)
@@ -209,14 +213,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"effsft {name}: interrupted ({what}), workers stopped{kept}", file=sys.stderr)
         return interrupts.exit_code(e)
     except Exception as e:
-        traceback.print_exc()
+        trace = traceback.format_exc()
+        console.log_exception(trace)
+        if not console.quiet() or console.S.file is None:
+            print(trace, file=sys.stderr, end="")
         runtime.release_outputs()
-        print(f"effsft {name}: failed: {failure_message(e)}", file=sys.stderr)
+        where = f" (traceback in {console.S.log_dir / console.LOG_FILE})" if console.S.file is not None else ""
+        print(f"effsft {name}: failed: {failure_message(e)}{where}", file=sys.stderr)
         return 1
     finally:
         runtime.release_outputs()
-    print(json.dumps(result, indent=2, default=str))
+    print(format_result(result))
     return 0
+
+
+def format_result(result) -> str:
+    """The job's result as JSON, one line per top-level key (a long demo summary stays short)."""
+    if not isinstance(result, dict) or not result:
+        return json.dumps(result, default=str)
+    body = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v, default=str)}" for k, v in result.items())
+    return "{\n" + body + "\n}"
 
 
 if __name__ == "__main__":

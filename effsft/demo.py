@@ -49,8 +49,14 @@ def _stage(name: str, out: Path, cfg_cls, run: Callable, data: dict, summary: di
         log.info("demo: %s already done, reusing %s", name, target)
         summary[name] = {"output": str(target), "reused": True}
     else:
+        from effsft.runtime import RUN
+
         log.info("demo: running %s", name)
-        res = run(build_config(cfg_cls, data))
+        RUN.stage = name
+        try:
+            res = run(build_config(cfg_cls, data))
+        finally:
+            RUN.stage = None
         summary[name] = _compact(res)
     summary[name]["seconds"] = round(time.perf_counter() - t0, 2)
     return target

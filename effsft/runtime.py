@@ -92,8 +92,11 @@ def init_ray(**overrides) -> dict:
     """
     import ray
 
+    from effsft import console
+
     if ray.is_initialized():
         return {"mode": "existing", "resources": ray.cluster_resources()}
+    console.before_ray_init()
     address = os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": {"RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S":
                                 os.environ["RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S"]}}
@@ -122,6 +125,10 @@ def init_ray(**overrides) -> dict:
         from effsft import interrupts
 
         interrupts.install()
+    from effsft import console
+
+    if console.S.configured:
+        console.after_ray_init()  # worker output -> <out>/logs/workers.log, no Ray Data bars
     desc = {"mode": mode, "address": address, "resources": ray.cluster_resources()}
     log.info("ray %s: %s", mode, desc["resources"])
     return desc
@@ -139,6 +146,8 @@ class RunOptions:
     job: str | None = None
     argv: list[str] | None = None
     handle_signals: bool = False   # the CLI's driver: SIGTERM/SIGINT -> a clean, resumable stop
+    output: Path | None = None     # the job's output: its <out>.partial/logs/ holds the log files
+    stage: str | None = None       # the demo's current stage (names the console's stage lines)
 
 
 RUN = RunOptions()
@@ -209,6 +218,10 @@ class OutputDir:
             raise
         self.created_work = not self.work.exists()
         self.work.mkdir(parents=True, exist_ok=True)
+        if RUN.output is not None and self.final == RUN.output:
+            from effsft import console
+
+            console.log_to(self.work / "logs")  # moves to <out>/logs/ with the commit
         return self.work
 
     @property
@@ -263,6 +276,8 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 @contextmanager
 def timed(timings: dict, name: str) -> Iterator[None]:
+    """Time a stage into ``timings[name]``; its start is the stage's console line."""
+    log.info("%s%s: %s", "  " if RUN.stage else "", RUN.stage or RUN.job or "effsft", name.replace("_", " "))
     t0 = time.perf_counter()
     try:
         yield

@@ -148,7 +148,26 @@ def score_shards(store: ScoreStore, shard_paths: list[Path], factory: Callable[.
         num_gpus=pool.num_gpus or None, zero_copy_batch=True)
     parts: dict[str, list[pa.Table]] = defaultdict(list)
     got: dict[str, int] = defaultdict(int)
+    from effsft import console
+
+    progress = console.bar(sum(expected.values()), f"scoring {store.key}", "rows") if console.S.configured else None
+    try:
+        _collect(ds, store, expected, parts, got, stats, fault, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    missing = [s for s in pending if not store.done(s)]
+    if missing:
+        raise RuntimeError(f"scoring finished but shards {missing[:5]} are incomplete")
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _collect(ds, store, expected, parts, got, stats, fault, progress) -> None:
+    """The driver's loop: score rows as they come back, write each shard once complete."""
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        if progress is not None:
+            progress.update(batch.num_rows)
         for s in set(batch.column("shard").to_pylist()):
             part = batch.filter(pc.equal(batch.column("shard"), s)).drop_columns(["shard"])
             parts[s].append(part)
@@ -161,8 +180,3 @@ def score_shards(store: ScoreStore, shard_paths: list[Path], factory: Callable[.
                     _hold(fault)
                 if fault.stop_after_shards is not None and stats.shards_scored >= fault.stop_after_shards:
                     raise Interrupted(f"fault injection: stopped after {stats.shards_scored} shards")
-    missing = [s for s in pending if not store.done(s)]
-    if missing:
-        raise RuntimeError(f"scoring finished but shards {missing[:5]} are incomplete")
-    stats.seconds = time.perf_counter() - t0
-    return stats

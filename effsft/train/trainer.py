@@ -31,5 +31,13 @@ def fit(spec: LoopSpec, train_ds, storage_path: str | Path, name: str = "train")
                              checkpoint_config=CheckpointConfig(num_to_keep=tr.keep_checkpoints)),
         datasets={"train": train_ds} if train_ds is not None else None,
     )
-    result = trainer.fit()
+    from effsft import console
+    from effsft.train.loop import METRICS_FILE
+
+    if console.S.configured:  # a bar of rank 0's metrics.jsonl: steps, loss, lr, tokens/s
+        with console.follow_metrics(Path(spec.out_dir) / METRICS_FILE, spec.total_steps,
+                                    "training" if spec.step_source is None else "grpo steps"):
+            result = trainer.fit()
+    else:
+        result = trainer.fit()
     return result.return_value or {}

@@ -32,10 +32,43 @@ def test_eval_bad_config_fails_fast(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_demo_end_to_end(tmp_path, capsys):
+CONSOLE_LINE_BUDGET = 80  # was ~490 lines before the console work (framework logs on the console)
+
+
+def _demo(args, cwd):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.run([sys.executable, "-m", "effsft", *args], cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=1500)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_demo_end_to_end(tmp_path):
+    """`effsft demo` as a user runs it: every stage done, a console of one line per stage plus a
+    progress bar per long piece of work (well under 100 lines), the framework logs in logs/."""
     out = tmp_path / "demo"
     args = ["demo", "--output", str(out), "--rows", "600", "--eval_rows", "16", "--sft_steps", "4", "--grpo_steps", "2"]
-    assert main(args) == 0
+    rc, stdout, stderr = _demo(args, tmp_path)
+    console = stdout + stderr
+    assert rc == 0, console[-5000:]
+    lines = console.count("\n")  # tqdm redraws a bar in place with \r: one line per bar
+    assert lines < CONSOLE_LINE_BUDGET, console
+    for stage in ("synth", "tiny_model", "prepare", "select", "sft", "grpo", "prune", "eval_base"):
+        assert f"demo: running {stage}" in console, stage
+    assert "scoring length-" in console and "training: 100%" in console and "grpo steps: 100%" in console
+    assert "loss " in console and "tok/s" in console
+    for noise in ("Reporting training result", "logging_progress", "TrainingReport", "Loading weights",
+                  "Running Dataset", "Checkpoint successfully created"):
+        assert noise not in console, noise
+    workers = (out / "logs" / "workers.log").read_text()
+    assert "Reporting training result" in workers and "RayTrainWorker" in workers  # the detail is kept
+    assert "demo: running sft" in (out / "logs" / "effsft.log").read_text()
     summary = json.loads((out / "demo_summary.json").read_text())
     assert set(summary) >= {"synth", "tiny_model", "prepare", "select", "sft", "grpo", "prune", "eval_base",
                            "eval_sft", "eval_pruned"}
@@ -43,7 +76,9 @@ def test_demo_end_to_end(tmp_path, capsys):
     for stage in ("corpus", "model", "prepared", "selected", "sft", "grpo", "prune", "eval_base", "eval_sft",
                   "eval_pruned"):
         assert (out / stage / "_SUCCESS").exists(), stage
+    assert (out / "sft" / "tb").is_dir() and (out / "grpo" / "tb").is_dir()
     # a second run resumes: every stage is reused
-    assert main(args) == 0
+    rc, stdout, stderr = _demo(args, tmp_path)
+    assert rc == 0, (stdout + stderr)[-3000:]
     again = json.loads((out / "demo_summary.json").read_text())
     assert all(v.get("reused") for v in again.values())
