@@ -195,7 +195,21 @@ def main(argv: list[str] | None = None) -> int:
     runtime.RUN.output = Path(output).resolve() if isinstance(output, str) else None
     if name == "demo" and runtime.RUN.output is not None:  # the demo's stages share its logs/
         console.log_to(runtime.RUN.output / "logs")
-    interrupts.install()
+    def interrupted(what: str, held: list[str]) -> None:
+        kept = f"; work kept in {', '.join(held)}: run the same command again to resume" if held else ""
+        print(f"effsft {name}: interrupted ({what}), workers stopped{kept}", file=sys.stderr, flush=True)
+
+    def on_stuck(what: str) -> None:  # the watcher thread: the driver is blocked inside Ray
+        import threading
+
+        held = [str(o.work) for o in runtime._OPEN if o.work.exists()]
+        t = threading.Thread(target=interrupts.stop_workers, daemon=True)
+        t.start()
+        t.join(30)
+        runtime.release_outputs()
+        interrupted(what, held)
+
+    interrupts.install(on_stuck)
     try:
         result = _load(job.run)(cfg)
     except (ConfigError, runtime.OutputExists, OutputLocked) as e:
@@ -205,14 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"effsft {name}: {e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, interrupts.Terminated) as e:
-        held = [str(o.work) for o in runtime._OPEN if o.work.exists()]
-        interrupts.stop_workers()
-        runtime.release_outputs()
-        what = "SIGTERM" if isinstance(e, interrupts.Terminated) else "SIGINT"
-        kept = f"; work kept in {', '.join(held)}: run the same command again to resume" if held else ""
-        print(f"effsft {name}: interrupted ({what}), workers stopped{kept}", file=sys.stderr)
-        return interrupts.exit_code(e)
+        return _stop(e, interrupted)
     except Exception as e:
+        if interrupts.received():  # the signal's exception came back wrapped (e.g. by Ray Train)
+            return _stop(None, interrupted)
         trace = traceback.format_exc()
         console.log_exception(trace)
         if not console.quiet() or console.S.file is None:
@@ -225,6 +235,19 @@ def main(argv: list[str] | None = None) -> int:
         runtime.release_outputs()
     print(format_result(result))
     return 0
+
+
+def _stop(e, interrupted) -> int:
+    from effsft import interrupts, runtime
+
+    held = [str(o.work) for o in runtime._OPEN if o.work.exists()]
+    interrupts.stop_workers()
+    runtime.release_outputs()
+    what = "SIGTERM" if isinstance(e, interrupts.Terminated) or (
+        e is None and interrupts.received() == "SIGTERM") else "SIGINT"
+    interrupted(what, held)
+    interrupts.HANDLED.set()
+    return interrupts.exit_code(e)
 
 
 def format_result(result) -> str:

@@ -124,7 +124,7 @@ def init_ray(**overrides) -> dict:
         # <out>.partial/ (effsft.interrupts).
         from effsft import interrupts
 
-        interrupts.install()
+        interrupts.install()  # the watcher thread of the CLI's install() stays
     from effsft import console
 
     if console.S.configured:
