@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -200,14 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"effsft {name}: interrupted ({what}), workers stopped{kept}", file=sys.stderr, flush=True)
 
     def on_stuck(what: str) -> None:  # the watcher thread: the driver is blocked inside Ray
-        import threading
-
         held = [str(o.work) for o in runtime._OPEN if o.work.exists()]
-        t = threading.Thread(target=interrupts.stop_workers, daemon=True)
-        t.start()
-        t.join(30)
         runtime.release_outputs()
         interrupted(what, held)
+        sys.stderr.flush()
+        interrupts.stop_workers()  # then os._exit (interrupts._watch)
 
     interrupts.install(on_stuck)
     try:
@@ -238,16 +236,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stop(e, interrupted) -> int:
+    """The main thread's clean stop after SIGTERM/SIGINT: locks released, the message, exit.
+
+    The workers are stopped (:func:`effsft.interrupts.stop_workers`) and the process ends here
+    with ``os._exit``: Ray's own shutdown from an interrupted driver can race its background
+    threads into a C++ exit with status 1, and nothing is left to do.
+    """
+    import os
+
     from effsft import interrupts, runtime
 
+    interrupts.HANDLING.set()
     held = [str(o.work) for o in runtime._OPEN if o.work.exists()]
-    interrupts.stop_workers()
     runtime.release_outputs()
     what = "SIGTERM" if isinstance(e, interrupts.Terminated) or (
         e is None and interrupts.received() == "SIGTERM") else "SIGINT"
     interrupted(what, held)
+    code = interrupts.exit_code(e)
+    if runtime.RUN.handle_signals and interrupts.EXIT_ON_STOP:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        interrupts.stop_workers()
+        os._exit(code)
     interrupts.HANDLED.set()
-    return interrupts.exit_code(e)
+    return code
 
 
 def format_result(result) -> str:

@@ -22,7 +22,9 @@ import threading
 
 GRACE_S = 3.0
 RECEIVED: list[str] = []          # the signals that arrived ("SIGTERM" / "SIGINT")
+HANDLING = threading.Event()      # the main thread has caught the interruption and is stopping
 HANDLED = threading.Event()       # the main thread has finished handling the interruption
+EXIT_ON_STOP = True               # the CLI process ends right after a clean stop (tests of main() may turn it off)
 _WATCHER: list = []
 
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
@@ -69,7 +71,7 @@ def _watch(r: socket.socket, on_stuck) -> None:
         if not got:
             continue
         RECEIVED.append(got[0])
-        if HANDLED.wait(GRACE_S):
+        if HANDLED.wait(GRACE_S) or (HANDLING.is_set() and HANDLED.wait(60)):
             return
         on_stuck(got[0])
         sys.stderr.flush()
@@ -86,17 +88,42 @@ def exit_code(e: BaseException | None) -> int:
     return EXIT_CODES["SIGINT"]
 
 
-def stop_workers() -> None:
-    """Stop this driver's Ray work: an embedded local Ray shuts down with its workers; on a
-    cluster, disconnecting ends the driver's tasks, actors and Ray Train worker groups."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # do not interrupt the shutdown itself
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
     try:
-        if "ray" in sys.modules:
-            import ray
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
 
-            if ray.is_initialized():
-                ray.shutdown()
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+def stop_workers() -> None:
+    """Stop this driver's Ray work right before the process ends (``os._exit`` follows).
+
+    An embedded local Ray: every process this driver started (GCS, raylet, agents, workers) is
+    killed. Not through ``ray.shutdown``: from an interrupted driver it races Ray's background
+    threads into a C++ exit with status 1. On a cluster nothing else is needed: when the driver
+    is gone the cluster ends its tasks, actors and Ray Train worker groups.
+    """
+    import signal as _signal
+
+    for pid in _descendants(os.getpid()):
+        try:
+            os.kill(pid, _signal.SIGKILL)
+        except OSError:
+            pass
