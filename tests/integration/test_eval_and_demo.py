@@ -46,4 +46,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     # a second run resumes: every stage is reused
     assert main(args) == 0
     again = json.loads((out / "demo_summary.json").read_text())
-    assert all(v.get("reused") for v in again.values())
+    assert all(v.get("reused") for v in again.values() if isinstance(v, dict))
+    assert again["eval_sft"]["exact_match.accuracy"] == summary["eval_sft"]["exact_match.accuracy"]
+    assert "exact_match.also.last_number.accuracy" in summary["eval_base"]
+    assert len(summary["reward_curve"]) == 2 and (out / "demo_summary.md").exists()
