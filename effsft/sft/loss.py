@@ -6,7 +6,7 @@ accumulation micro-batch and every rank), so that after DeepSpeed averages over 
 and ranks the step's gradient is that of the mean over *every response token of the step*:
 micro-batch size, accumulation, worker count and packing do not change the update. Without a
 step context it is the micro-batch's own token mean. Padded and packed micro-batches
-(:mod:`effsft.train.packing`) alike. It is computed from the final hidden states in chunks of ``chunk_tokens`` rows,
+(:mod:`effsft.models.packing`) alike. It is computed from the final hidden states in chunks of ``chunk_tokens`` rows,
 each chunk's ``lm_head`` + cross-entropy recomputed in backward (activation checkpointing), so
 no ``[B, T, V]`` fp32 logits tensor is ever alive.
 
@@ -18,45 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from effsft.models.parts import decoder_and_head
-from effsft.train.packing import model_inputs
-
-IGNORE_INDEX = -100
-
-
-def _chunk_nll_sum(head: torch.nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(rows).float()  # [n, V] fp32, only n = chunk_tokens rows at a time
-    return F.cross_entropy(logits, targets, reduction="sum")
-
-
-def response_nll(model: torch.nn.Module, batch: dict, chunk_tokens: int = 1024
-                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Sum of response-token NLLs of a micro-batch, chunked over tokens.
-
-    Args:
-        model: HF causal LM (or a peft wrapper of one).
-        batch: ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` (labels -100 on prompt/pad).
-        chunk_tokens: rows per lm_head chunk.
-
-    Returns:
-        ``(nll_sum, hidden, n_response)``: scalar fp32 sum over the response tokens (label
-        position ``t`` is predicted by the hidden state at ``t - 1``), the hidden states
-        ``[B, T, H]`` and the number of response tokens.
-    """
-    decoder, head = decoder_and_head(model)
-    hidden = decoder(**model_inputs(batch), use_cache=False).last_hidden_state  # [B, T, H] ([P, L, H] packed)
-    targets = batch["labels"][:, 1:]   # [B, T-1]
-    mask = targets != IGNORE_INDEX     # [B, T-1]
-    rows = hidden[:, :-1][mask]        # [N, H]
-    targets = targets[mask]            # [N]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, rows.shape[0], chunk_tokens):
-        total = total + checkpoint(_chunk_nll_sum, head, rows[s:s + chunk_tokens],
-                                   targets[s:s + chunk_tokens], use_reentrant=False)
-    return total, hidden, int(rows.shape[0])
+from effsft.models.nll import response_nll
 
 
 def sft_loss(model: torch.nn.Module, batch: dict, chunk_tokens: int = 1024,

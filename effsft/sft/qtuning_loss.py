@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from effsft.models.parts import decoder_and_head
-from effsft.train.packing import RowBatch
+from effsft.models.packing import RowBatch
 from effsft.sft.qtuning import (
     SampleStats,
     eu_select,
@@ -189,7 +189,7 @@ def qtuning_step_loss(
         model: HF causal LM (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ...), dropout 0 for the
             mode-equivalence guarantee.
         batch: ``input_ids``, ``attention_mask``, ``labels`` (``-100`` on prompt/pad), all ``[B, T]``;
-            or a packed micro-batch (:func:`effsft.train.packing.pack_rows`), selected per row.
+            or a packed micro-batch (:func:`effsft.models.packing.pack_rows`), selected per row.
         cfg: an object with the :class:`QTuningConfig` attributes (the recipe's ``qtuning`` section).
         mode: ``mask`` or ``two_pass``; default ``cfg.mode``.
         step: global step (seeds the random baselines together with ``cfg.seed``).

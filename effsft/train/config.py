@@ -27,7 +27,7 @@ class TrainSpec(Strict):
     # fill on average (so rows per step, the schedule and epochs stay as without packing).
     micro_batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
-    # Padding-free packing of whole rows into pack_len-token sequences (effsft.train.packing):
+    # Padding-free packing of whole rows into pack_len-token sequences (effsft.models.packing):
     # bfd = best-fit decreasing, greedy = in order, off = padded micro-batches of rows.
     packing: Literal["off", "bfd", "greedy"] = "bfd"
     pack_len: Optional[int] = Field(None, ge=8)              # tokens per pack; default tokenize.max_len

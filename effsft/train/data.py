@@ -211,7 +211,7 @@ class Batching:
 def plan_summary(lengths: np.ndarray, batching: Batching, padded_batch: int) -> dict:
     """The packing plan of a run as the workers will build it (windows of rows in order),
     summarised for the manifest and for sizing the run (``packs``)."""
-    from effsft.train.packing import PackPlan, plan_packs, plan_stats
+    from effsft.models.packing import PackPlan, plan_packs, plan_stats
 
     packs, oversized = [], 0
     w = batching.window_rows
@@ -233,7 +233,7 @@ def micro_batches(shard, batching: Batching | int, pad_id: int, *, start_epoch: 
     """Endless stream of ``(epoch, index_in_epoch, batch)`` from a worker's dataset shard.
 
     ``batch`` is :func:`effsft.corpus.tokenize.collate`'s dict of ``[B, T]`` tensors, or with
-    packing :func:`effsft.train.packing.pack_rows`'s packed micro-batch (windows of
+    packing :func:`effsft.models.packing.pack_rows`'s packed micro-batch (windows of
     ``window_rows`` rows are planned, the packs taken ``micro_batch_size`` at a time; the
     packs left at the end of an epoch are dropped, as a partial micro-batch is unpacked).
     The stream is a deterministic function of the shard's row order, so resuming at
@@ -267,7 +267,7 @@ def _epoch_batches(shard, b: Batching, pad_id: int, shuffle_seed: int, shuffle_b
             yield lambda rows=rows: collate([_encoded(i, y) for i, y in zip(rows["input_ids"], rows["labels"])],
                                             pad_id)
         return
-    from effsft.train.packing import plan_packs
+    from effsft.models.packing import plan_packs
 
     queue: list[list[tuple]] = []
     for rows in shard.iter_batches(batch_size=b.window_rows, batch_format="numpy", **shuffle):
@@ -280,7 +280,7 @@ def _epoch_batches(shard, b: Batching, pad_id: int, shuffle_seed: int, shuffle_b
 
 
 def _pack_group(group: list[list[tuple]], pad_id: int) -> dict:
-    from effsft.train.packing import pack_rows
+    from effsft.models.packing import pack_rows
 
     rows = [r for pack in group for r in pack]
     packs, at = [], 0

@@ -16,7 +16,7 @@ import transformers
 
 from effsft.corpus.tokenize import Encoded, collate
 from effsft.sft.loss import SFTLoss, sft_loss
-from effsft.train.packing import RowBatch, pack_rows, plan_packs, plan_stats, row_layout, to_rows
+from effsft.models.packing import RowBatch, pack_rows, plan_packs, plan_stats, row_layout, to_rows
 
 V = 101
 
@@ -224,3 +224,25 @@ def test_step_is_the_mean_over_every_response_token(single_process_group):
         torch.testing.assert_close(w_acc[k], w_big[k], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(w_pk[k], w_big[k], rtol=1e-5, atol=1e-7)
     assert any(not torch.equal(w_big[k], init[k].detach()) for k in w_big)
+
+
+# ---- scoring on packed batches: select's scorers and eval's perplexity ----------------------
+
+def test_select_scores_and_eval_perplexity_are_the_same_packed():
+    from effsft.eval.metrics import perplexity
+    from effsft.models.tiny import build_tokenizer
+    from effsft.select.lm_scores import lm_score_rows
+
+    convs = [[{"role": "user", "content": f"question {i} " * (1 + i % 4)},
+              {"role": "assistant", "content": f"answer {i} " * (1 + (i * 7) % 5)}] for i in range(11)]
+    tok = build_tokenizer([m["content"] for c in convs for m in c] * 5, 300)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2)).eval()
+    a = lm_score_rows(model, tok, convs, batch_size=3, packing=False)
+    b = lm_score_rows(model, tok, convs, batch_size=3, packing=True)
+    for k in ("ce", "entropy", "s_a", "ifd_raw"):
+        torch.testing.assert_close(torch.tensor(b[k]), torch.tensor(a[k]), rtol=1e-5, atol=1e-6)
+    assert (a["n_tokens"] == b["n_tokens"]).all()
+    pa, pb = perplexity(model, tok, convs, batch_size=3), perplexity(model, tok, convs, batch_size=3, packing=True)
+    assert pa["tokens"] == pb["tokens"] and pb["ppl"] == pytest.approx(pa["ppl"], rel=1e-5)

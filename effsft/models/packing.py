@@ -245,3 +245,62 @@ class RowBatch:
         flat = self.batch["labels"].clone().view(-1)
         flat[self.index[self.attention_mask.bool()]] = labels_rows[self.attention_mask.bool()]
         return RowBatch({**self.batch, "labels": flat.view_as(self.batch["labels"])})
+
+
+def batches(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, batch_size: int,
+            max_tokens: int | None = None, packing: bool = False):
+    """Scoring batches of ``(input_ids, labels)`` rows: ``(row indices [b], batch)`` covering
+    every row once, for :func:`effsft.models.nll.row_token_stats`.
+
+    Unpacked: length-sorted, right-padded batches of ``batch_size`` rows (at most
+    ``max_tokens`` padded tokens). Packed: best-fit packs as long as the longest row, as many
+    per batch as ``batch_size`` rows fill on average; a batch numbers its segments in the order
+    of its indices.
+    """
+    lengths = [len(x) for x, _ in rows]
+    if not rows:
+        return
+    if not packing:
+        for idx in length_sorted_batches(lengths, batch_size, max_tokens):
+            yield idx, _pad([rows[i] for i in idx], pad_id)
+        return
+    plan = plan_packs(lengths, max(lengths), "bfd")
+    per = max(1, round(batch_size * len(plan.packs) / len(rows)))
+    for s in range(0, len(plan.packs), per):
+        group = plan.packs[s:s + per]
+        idx = np.array([i for p in group for i in p], np.int64)
+        local, at = [], 0
+        for p in group:
+            local.append(list(range(at, at + len(p))))
+            at += len(p)
+        yield idx, pack_rows([rows[i] for i in idx], local, pad_id)
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int = 8, max_tokens: int | None = None) -> list[np.ndarray]:
+    """Row indices in batches of similar length, longest first (an out-of-memory error shows
+    in the first batch); a batch closes at ``batch_size`` rows or ``max_tokens`` padded tokens."""
+    lengths = np.asarray(lengths, np.int64)
+    order = np.lexsort((np.arange(len(lengths)), -lengths))  # stable: longest first
+    out, cur = [], []
+    for i in order:
+        too_big = max_tokens is not None and cur and (len(cur) + 1) * lengths[cur[0]] > max_tokens
+        if cur and (len(cur) >= batch_size or too_big):
+            out.append(np.array(cur, np.int64))
+            cur = []
+        cur.append(int(i))
+    if cur:
+        out.append(np.array(cur, np.int64))
+    return out
+
+
+def _pad(rows, pad_id: int) -> dict:
+    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` ``[B, T]``."""
+    T = max(len(x) for x, _ in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for b, (x, y) in enumerate(rows):
+        ids[b, :len(x)] = torch.as_tensor(list(x), dtype=torch.long)
+        labels[b, :len(y)] = torch.as_tensor(list(y), dtype=torch.long)
+        mask[b, :len(x)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
