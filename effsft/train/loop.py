@@ -284,6 +284,16 @@ def restore(engine, lora: LoraSpec) -> Position | None:
 
 # ---- the worker loop -------------------------------------------------------------------
 
+def peak_memory(device: torch.device) -> dict:
+    """Rank 0's peak memory: host RSS (MiB) and, on a GPU, the CUDA allocator's peak."""
+    import resource
+
+    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
 def worker_threads(threads: int | None, local_workers: int) -> int:
     """torch threads of a CPU worker: ``train.threads``, else this node's cores shared out."""
     if threads:
@@ -365,4 +375,4 @@ def train_loop_per_worker(config: dict) -> dict | None:
             "final_loss": last.get("loss"), "tokens": tokens, "setup_s": round(setup_s, 3),
             "train_s": round(train_s, 3),
             "tokens_per_s": tokens / train_s if train_s > 0 else None,
-            **(source.summary() if source is not None else {})}
+            **peak_memory(device), **(source.summary() if source is not None else {})}
