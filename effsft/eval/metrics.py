@@ -8,42 +8,33 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from effsft.corpus.answer import AnswerRule
-from effsft.corpus.tokenize import IGNORE_INDEX, collate, encode_chat, encode_prompt, prompt_turns
-
-
-@torch.no_grad()
-def response_nll(model, batch: dict) -> tuple[float, int]:
-    """Sum of response-token NLL and the number of response tokens in a padded batch.
-
-    Labels are shifted: the logit at position t-1 scores the token at t.
-    """
-    dev = next(model.parameters()).device
-    out = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev))
-    logits = out.logits[:, :-1].float()                       # [B, T-1, V]
-    target = batch["labels"][:, 1:].to(dev)                   # [B, T-1]
-    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                          ignore_index=IGNORE_INDEX, reduction="sum")
-    return float(nll), int((target != IGNORE_INDEX).sum())
+from effsft.corpus.tokenize import encode_chat, encode_prompt, prompt_turns
 
 
 def perplexity(model, tokenizer, conversations: Sequence[Sequence[dict]], max_len: int = 512,
-               batch_size: int = 8, progress: bool = False) -> dict:
+               batch_size: int = 8, progress: bool = False, packing: bool = False) -> dict:
     """exp(total response NLL / total response tokens) over the conversations.
 
-    Conversations whose response does not fit ``max_len`` are counted as ``too_long``.
+    The response tokens are those SFT trains on (:func:`effsft.corpus.tokenize.encode_chat`),
+    scored by :func:`effsft.models.nll.row_token_stats` in length-sorted padded batches or, with
+    ``packing``, padding-free packs (the same numbers). Conversations whose response does not
+    fit ``max_len`` are counted as ``too_long``.
     """
     from tqdm import tqdm
 
+    from effsft.models.nll import row_token_stats
+    from effsft.models.packing import batches
+
     enc = [encode_chat(tokenizer, m, max_len) for m in conversations]
-    kept = [e for e in enc if not e.too_long and e.n_response > 0]
-    kept.sort(key=lambda e: len(e.input_ids))  # length-sorted batches waste less padding
+    kept = [(e.input_ids, e.labels) for e in enc if not e.too_long and e.n_response > 0]
     total, n = 0.0, 0
-    for i in tqdm(range(0, len(kept), batch_size), desc="perplexity", disable=not progress):
-        s, k = response_nll(model, collate(kept[i:i + batch_size], tokenizer.pad_token_id))
-        total, n = total + s, n + k
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for idx, batch in tqdm(list(batches(kept, pad, batch_size, packing=packing)), desc="perplexity",
+                           disable=not progress):
+        s, _, k = row_token_stats(model, batch, len(idx), with_entropy=False)
+        total, n = total + float(s.sum()), n + int(k.sum())
     mean = total / max(1, n)
     return {"ppl": math.exp(mean) if n else float("nan"), "mean_nll": mean, "tokens": n,
             "rows": len(kept), "too_long": len(enc) - len(kept)}

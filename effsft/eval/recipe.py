@@ -28,6 +28,7 @@ class EvalConfig(Strict):
     limit: int = Field(2000, gt=0)             # rows used from each input
     max_len: int = Field(512, gt=8)
     batch_size: int = Field(16, gt=0)
+    packing: bool = False                      # perplexity on padding-free packed batches (same numbers)
     max_new_tokens: int = Field(64, gt=0)
     answer: AnswerSpec = AnswerSpec()          # exact match: how the answer is found and compared
     also: List[AnswerSpec] = []                # more rules scored on the same generations (reported beside)
@@ -53,7 +54,7 @@ def _eval_rows(path: str, limit: int) -> list[dict]:
 
 
 def evaluate(model_spec: dict, ppl_rows: list | None, em_rows: list | None, max_len: int,
-             batch_size: int, max_new_tokens: int, rule=None, also=()) -> dict:
+             batch_size: int, max_new_tokens: int, rule=None, also=(), packing: bool = False) -> dict:
     """The model work (runs inside a Ray task)."""
     import torch
 
@@ -69,7 +70,7 @@ def evaluate(model_spec: dict, ppl_rows: list | None, em_rows: list | None, max_
     res: dict = {"device": device}
     if ppl_rows:
         res["perplexity"] = perplexity(model, tok, [r["messages"] for r in ppl_rows], max_len,
-                                       batch_size)
+                                       batch_size, packing=packing)
     if em_rows:
         res["exact_match"] = exact_match(model, tok, em_rows, max_new_tokens, batch_size, rule=rule,
                                          also=also)
@@ -94,7 +95,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     with timed(timings, "evaluate"):
         res = ray.get(task.remote(cfg.model.model_dump(), ppl_rows, em_rows, cfg.max_len,
                                   cfg.batch_size, cfg.max_new_tokens, cfg.answer.rule(),
-                                  [a.rule() for a in cfg.also]))
+                                  [a.rule() for a in cfg.also], cfg.packing))
     inputs = {"model": describe_model(cfg.model)}
     if cfg.data:
         inputs["data"] = {"path": cfg.data.path}

@@ -101,6 +101,9 @@ class PruneSection(Strict):
     device: str = "auto"                      # auto (cuda when visible to the task) | cpu | cuda[:i]
     batch_size: int = Field(8, gt=0)          # windows per block forward
     sparsegpt: SparseGPTSpec = SparseGPTSpec()
+    # How a document becomes text: chat = the conversation through the model's template (the
+    # one rule of every job); plain = its turns' contents joined by blank lines (prose corpora).
+    render: Literal["chat", "plain"] = "chat"
 
     @field_validator("nm")
     @classmethod
@@ -200,11 +203,13 @@ def read_conversations(spec: CorpusSpec, limit: int, unreadable: list | None = N
     return [r["messages"] for r in rows]
 
 
-def tokenize_documents(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
-    """Token ids per document: the conversation rendered with the model's chat template."""
+def tokenize_documents(tokenizer, conversations: list[list[dict]], how: str = "chat") -> list[list[int]]:
+    """Token ids per document: the conversation rendered with the model's chat template
+    (``chat``), or its turns' contents joined by blank lines (``plain``)."""
     from effsft.corpus.tokenize import render
 
-    texts = [render(tokenizer, m) for m in conversations]
+    texts = [render(tokenizer, m) if how == "chat" else "\n\n".join(t["content"] for t in m)
+             for m in conversations]
     return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
@@ -228,9 +233,9 @@ def build_windows(cfg: PruneConfig, tokenizer, max_positions: int | None):
         eval_convs = read_conversations(e.data, e.max_docs, unreadable)
     if not calib_convs:
         raise ConfigError(f"prune.calib.data: no usable conversations in {c.data.path}")
-    calib_docs = tokenize_documents(tokenizer, calib_convs)
+    calib_docs = tokenize_documents(tokenizer, calib_convs, cfg.prune.render)
     calib, info = sample_calibration_with_info(calib_docs, c.n_samples, T, c.seed, tokenizer.eos_token_id)
-    stream = [t for doc in tokenize_documents(tokenizer, eval_convs) for t in doc]  # joined documents
+    stream = [t for doc in tokenize_documents(tokenizer, eval_convs, cfg.prune.render) for t in doc]  # joined documents
     if len(stream) < T:
         raise ConfigError(f"prune.eval: {len(stream)} held-out tokens, fewer than one window of {T}")
     windows = make_windows(torch.tensor(stream), T, e.n_windows)

@@ -515,7 +515,7 @@ TARGET_FILE = "target.npz"
 def prepare_checkpoints(model_path: str, warmup_messages, target_messages, target_groups: Sequence,
                         out_dir: str | Path, s: WarmupSettings, proj_dim: int = 8192, proj_seed: int = 0,
                         device: str = "cpu", method: str = "vmap", trust_remote_code: bool = False,
-                        template: str = "auto") -> dict:
+                        template: str = "auto", tracking=None) -> dict:
     """Warm-up, then the target features of every checkpoint (what the select job runs once).
 
     Writes the :func:`less_warmup` checkpoints under ``out_dir`` and, in each, ``target.npz``

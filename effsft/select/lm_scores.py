@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from effsft.corpus.tokenize import empty_prompt_ids, encode_chats
-from effsft.models.parts import decoder_and_head, head_logits_fp32
+from effsft.models.packing import length_sorted_batches
+from effsft.models.parts import decoder_and_head
 
 __all__ = [
     "STATUS_OK",
@@ -38,7 +39,6 @@ __all__ = [
     "length_sorted_batches",
     "pad_right",
     "last_hidden",
-    "answer_token_stats",
     "ifd_ratio",
     "lm_score_rows",
 ]
@@ -112,33 +112,6 @@ def length_scores(tokenizer, messages_list: Sequence[Sequence[Message]]) -> dict
 
 
 # ----------------------------------------------------------------------------- batching
-def length_sorted_batches(
-    lengths: Sequence[int], batch_size: int = 8, max_tokens: int | None = None
-) -> list[np.ndarray]:
-    """Group row indices into batches of similar length, longest first.
-
-    Longest first so an out-of-memory error shows up in the first batch. A batch closes
-    at ``batch_size`` rows or when its padded size (rows × longest) would pass
-    ``max_tokens``.
-
-    Returns:
-        list of int64 index arrays covering every row once.
-    """
-    lengths = np.asarray(lengths, np.int64)
-    order = np.lexsort((np.arange(len(lengths)), -lengths))  # stable: longest first
-    batches, cur = [], []
-    for i in order:
-        too_many = len(cur) >= batch_size
-        too_big = max_tokens is not None and cur and (len(cur) + 1) * lengths[cur[0]] > max_tokens
-        if cur and (too_many or too_big):
-            batches.append(np.array(cur, np.int64))
-            cur = []
-        cur.append(int(i))
-    if cur:
-        batches.append(np.array(cur, np.int64))
-    return batches
-
-
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad id lists.
 
@@ -162,64 +135,24 @@ def last_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
     return body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-@torch.inference_mode()
-def answer_token_stats(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    target_mask: torch.Tensor,
-    chunk_size: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row sums of −log p(a_t | ·) and of H(p(· | ·)) over the answer positions.
-
-    The token at position t is predicted from the logits at t−1. Only the hidden states of
-    the predicting positions go through lm_head, ``chunk_size`` rows at a time, in fp32.
-
-    Args:
-        model: HF causal LM.
-        input_ids: [B, T] right-padded ids.
-        attention_mask: [B, T].
-        target_mask: [B, T] bool, True where the token is an answer token to score
-            (never position 0).
-        chunk_size: answer positions per lm_head call.
-
-    Returns:
-        ``(nll_sum [B], entropy_sum [B], n_tokens [B])`` as fp64 / fp64 / int64 on CPU.
-    """
-    body, head = decoder_and_head(model, plain_head=False)
-    device = next(model.parameters()).device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
-    b_idx, t_idx = torch.nonzero(target_mask[:, 1:].to(device), as_tuple=True)  # t_idx = t−1
-    targets = input_ids[b_idx, t_idx + 1]  # [M]
-    B = input_ids.shape[0]
-    nll_sum = torch.zeros(B, dtype=torch.float64, device=device)
-    ent_sum = torch.zeros(B, dtype=torch.float64, device=device)
-    for s in range(0, len(b_idx), chunk_size):
-        sl = slice(s, s + chunk_size)
-        logp = torch.log_softmax(head_logits_fp32(model, head, hidden[b_idx[sl], t_idx[sl]]), -1)  # [m, V]
-        nll = -logp.gather(1, targets[sl, None]).squeeze(1)  # [m]
-        ent = -(logp.exp() * logp).sum(-1)  # [m]
-        nll_sum.index_add_(0, b_idx[sl], nll.double())
-        ent_sum.index_add_(0, b_idx[sl], ent.double())
-    n = torch.bincount(b_idx, minlength=B)
-    return nll_sum.cpu(), ent_sum.cpu(), n.cpu()
-
-
 def _mean_nll_batched(
     model, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int, batch_size: int,
-    max_tokens: int | None, chunk_size: int,
+    max_tokens: int | None, chunk_size: int, packing: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean answer NLL / entropy / count for (prefix_ids, answer_ids) pairs, length-sorted."""
+    """Mean answer NLL / entropy / count for (prefix_ids, answer_ids) pairs.
+
+    Length-sorted padded batches of ``batch_size`` rows (at most ``max_tokens`` padded tokens),
+    or with ``packing`` padding-free packs (:mod:`effsft.models.packing`) as long as the
+    longest row, as many per forward as ``batch_size`` rows fill on average: the same scores.
+    """
+    from effsft.models.nll import row_token_stats
+    from effsft.models.packing import batches
+
     n = len(pairs)
     ce, ent, cnt = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, np.int64)
-    for idx in length_sorted_batches([len(p) + len(a) for p, a in pairs], batch_size, max_tokens):
-        ids, mask = pad_right([pairs[i][0] + pairs[i][1] for i in idx], pad_id)
-        target = torch.zeros_like(mask, dtype=torch.bool)
-        for b, i in enumerate(idx):
-            p, a = pairs[i]
-            target[b, len(p): len(p) + len(a)] = True
-        nll_s, ent_s, k = answer_token_stats(model, ids, mask, target, chunk_size)
+    rows = [(list(p) + list(a), [-100] * len(p) + list(a)) for p, a in pairs]
+    for idx, batch in batches(rows, pad_id, batch_size, max_tokens, packing):
+        nll_s, ent_s, k = row_token_stats(model, batch, len(idx), chunk_size)
         ce[idx] = (nll_s / k).numpy()
         ent[idx] = (ent_s / k).numpy()
         cnt[idx] = k.numpy()
@@ -254,6 +187,7 @@ def lm_score_rows(
     chunk_size: int = 1024,
     compute_ifd: bool = True,
     drop_gt1: bool = True,
+    packing: bool = False,
 ) -> dict[str, np.ndarray]:
     """CE, PPL, entropy (and IFD) for a batch of rows; what a scorer actor's map calls.
 
@@ -266,6 +200,7 @@ def lm_score_rows(
         chunk_size: answer positions per fp32 lm_head chunk.
         compute_ifd: also run the unconditioned pass for s(A) and IFD.
         drop_gt1: IFD ≥ 1 becomes null in ``ifd`` (``ifd_raw`` keeps it).
+        packing: score padding-free packed batches instead of padded ones (same scores).
 
     Returns:
         Columns, each [N]: ``ce``, ``ppl``, ``entropy`` (fp64, NaN = null),
@@ -281,8 +216,8 @@ def lm_score_rows(
     out["n_tokens"] = np.zeros(n, np.int64)
     if len(okx):
         ce, ent, cnt = _mean_nll_batched(
-            model, [(rows[i].prompt_ids, rows[i].answer_ids) for i in okx], pad_id, batch_size, max_tokens, chunk_size
-        )
+            model, [(rows[i].prompt_ids, rows[i].answer_ids) for i in okx], pad_id, batch_size, max_tokens, chunk_size,
+            packing)
         out["ce"][okx], out["entropy"][okx], out["n_tokens"][okx] = ce, ent, cnt
     out["ppl"] = np.exp(out["ce"])
     out["status"] = np.array([r.status for r in rows], dtype=object)
@@ -292,7 +227,7 @@ def lm_score_rows(
         if len(okx):
             # The same answer ids as the s(A|Q) pass (cut only if the header leaves no room).
             pairs = [(header, rows[i].answer_ids[: max(1, max_len - len(header))]) for i in okx]
-            s_a[okx] = _mean_nll_batched(model, pairs, pad_id, batch_size, max_tokens, chunk_size)[0]
+            s_a[okx] = _mean_nll_batched(model, pairs, pad_id, batch_size, max_tokens, chunk_size, packing)[0]
         out["s_a"] = s_a
         out["ifd_raw"] = ifd_ratio(out["ce"], s_a, drop_gt1=False)
         out["ifd"] = ifd_ratio(out["ce"], s_a, drop_gt1=drop_gt1)

@@ -50,6 +50,7 @@ class ScorerSection(Strict):
     num_gpus: float = Field(0.0, ge=0)
     batch_size: int = Field(256, gt=0)      # rows per actor call
     micro_batch_size: int = Field(8, gt=0)  # rows per forward (length-sorted inside a call)
+    packing: bool = False                   # LM scorers: padding-free packed forwards (same scores)
     max_len: int = Field(4096, gt=8)
     threads: Optional[int] = None           # torch threads per actor
 
@@ -206,7 +207,7 @@ def _scorer_for(cfg: SelectConfig, score: str, model_path: str | None = None, ex
         ifd = score == "ifd"
         return ("lm_ifd" if ifd else "lm"), scorers.LMScorer, dict(
             model_path=m.path, dtype=m.dtype, max_len=sc.max_len, micro_batch_size=sc.micro_batch_size,
-            ifd=ifd, drop_gt1=cfg.ifd_drop_gt1, **common)
+            ifd=ifd, drop_gt1=cfg.ifd_drop_gt1, packing=sc.packing, **common)
     if score == "selectit":
         return "selectit", scorers.SelectITScorer, dict(
             model_path=model_path, dtype=m.dtype if m else "auto", alpha=cfg.selectit.alpha,

@@ -70,14 +70,15 @@ class LMScorer:
     def __init__(self, model_path: str, dtype: str = "auto", device: str = "auto", max_len: int = 4096,
                  micro_batch_size: int = 8, ifd: bool = False, drop_gt1: bool = True,
                  trust_remote_code: bool = False, threads: int | None = None, template: str = "auto",
-                 **_: Any):
+                 packing: bool = False, **_: Any):
         from effsft.models.loading import load_model, load_tokenizer
 
         _threads(threads)
         dev = _device(device)
         self.tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code, template=template)
         self.model = load_model(model_path, dtype=dtype, device=dev, trust_remote_code=trust_remote_code)
-        self.kw = dict(max_len=max_len, batch_size=micro_batch_size, compute_ifd=ifd, drop_gt1=drop_gt1)
+        self.kw = dict(max_len=max_len, batch_size=micro_batch_size, compute_ifd=ifd, drop_gt1=drop_gt1,
+                       packing=packing)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch

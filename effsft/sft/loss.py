@@ -1,7 +1,12 @@
 """The sft loss hook for the shared training loop (:mod:`effsft.train.loop`).
 
-``method: off`` is plain SFT: the mean NLL over response tokens (labels != -100) of the
-micro-batch. It is computed from the final hidden states in chunks of ``chunk_tokens`` rows,
+``method: off`` is plain SFT: the NLL summed over response tokens (labels != -100), divided by
+the step's mean response tokens per micro-batch (``StepContext.loss_tokens``, counted over every
+accumulation micro-batch and every rank), so that after DeepSpeed averages over accumulation
+and ranks the step's gradient is that of the mean over *every response token of the step*:
+micro-batch size, accumulation, worker count and packing do not change the update. Without a
+step context it is the micro-batch's own token mean. Padded and packed micro-batches
+(:mod:`effsft.models.packing`) alike. It is computed from the final hidden states in chunks of ``chunk_tokens`` rows,
 each chunk's ``lm_head`` + cross-entropy recomputed in backward (activation checkpointing), so
 no ``[B, T, V]`` fp32 logits tensor is ever alive.
 
@@ -13,53 +18,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from effsft.models.parts import decoder_and_head
-
-IGNORE_INDEX = -100
+from effsft.models.nll import response_nll
 
 
-def _chunk_nll_sum(head: torch.nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(rows).float()  # [n, V] fp32, only n = chunk_tokens rows at a time
-    return F.cross_entropy(logits, targets, reduction="sum")
-
-
-def response_nll(model: torch.nn.Module, batch: dict, chunk_tokens: int = 1024
-                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Sum of response-token NLLs of a micro-batch, chunked over tokens.
-
-    Args:
-        model: HF causal LM (or a peft wrapper of one).
-        batch: ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` (labels -100 on prompt/pad).
-        chunk_tokens: rows per lm_head chunk.
-
-    Returns:
-        ``(nll_sum, hidden, n_response)``: scalar fp32 sum over the response tokens (label
-        position ``t`` is predicted by the hidden state at ``t - 1``), the hidden states
-        ``[B, T, H]`` and the number of response tokens.
-    """
-    decoder, head = decoder_and_head(model)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     use_cache=False).last_hidden_state  # [B, T, H]
-    targets = batch["labels"][:, 1:]   # [B, T-1]
-    mask = targets != IGNORE_INDEX     # [B, T-1]
-    rows = hidden[:, :-1][mask]        # [N, H]
-    targets = targets[mask]            # [N]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, rows.shape[0], chunk_tokens):
-        total = total + checkpoint(_chunk_nll_sum, head, rows[s:s + chunk_tokens],
-                                   targets[s:s + chunk_tokens], use_reentrant=False)
-    return total, hidden, int(rows.shape[0])
-
-
-def sft_loss(model: torch.nn.Module, batch: dict, chunk_tokens: int = 1024) -> tuple[torch.Tensor, dict]:
-    """Plain SFT: mean response-token NLL (``method: off``)."""
+def sft_loss(model: torch.nn.Module, batch: dict, chunk_tokens: int = 1024,
+             loss_tokens: float | None = None) -> tuple[torch.Tensor, dict]:
+    """Plain SFT (``method: off``): response-token NLL sum / ``loss_tokens`` (the step's mean
+    response tokens per micro-batch; None: this micro-batch's own count, i.e. its token mean)."""
     total, hidden, n = response_nll(model, batch, chunk_tokens)
     if n == 0:  # keep every parameter in the graph (DeepSpeed/DDP expect gradients)
         return total + 0.0 * hidden.sum(), {"n_response": 0}
-    return total / n, {"n_response": n}
+    return total / (loss_tokens or n), {"n_response": n}
 
 
 def qtuning_loss(model: torch.nn.Module, batch: dict, qtuning: Any, ctx: Any,
@@ -109,5 +79,5 @@ class SFTLoss:
 
     def __call__(self, model: torch.nn.Module, batch: dict, ctx) -> tuple[torch.Tensor, dict]:
         if self.qtuning.method == "off":
-            return sft_loss(model, batch, self.chunk_tokens)
+            return sft_loss(model, batch, self.chunk_tokens, getattr(ctx, "loss_tokens", None))
         return qtuning_loss(model, batch, self.qtuning, ctx, self.chunk_tokens, self.seed, self.plot_dir)

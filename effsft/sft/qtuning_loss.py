@@ -26,6 +26,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from effsft.models.parts import decoder_and_head
+from effsft.models.packing import RowBatch
 from effsft.sft.qtuning import (
     SampleStats,
     eu_select,
@@ -70,11 +71,6 @@ class QTuningConfig:
     plot_every: int = 500
     baseline_order: str = "default"
     seed: int = 0
-
-
-def _hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states ``[B, T, H]``."""
-    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
 def _score(
@@ -129,9 +125,10 @@ def _loss_scale(global_den: int | None, info: dict) -> tuple[int | None, float]:
 def _mask_step(model, batch, cfg, step, chunk_tokens, all_gather, rank):
     decoder, head = decoder_and_head(model)
     weight = head.weight
-    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    masks = label_masks(labels, attention_mask)
-    hidden = _hidden(decoder, input_ids, attention_mask)  # [B, T, H], with grad
+    rb = RowBatch(batch)  # padded or packed: the selection sees rows [B, T]
+    labels = rb.labels
+    masks = label_masks(labels, rb.attention_mask)
+    hidden = rb.hidden(decoder)  # [B, T, H], with grad
     tstats = _score(hidden, weight, labels, masks, cfg, chunk_tokens)
     keep_sample, keep_token, info, global_den = _select(tstats, masks, cfg, step, all_gather, rank)
     den, scale = _loss_scale(global_den, info)
@@ -142,20 +139,15 @@ def _mask_step(model, batch, cfg, step, chunk_tokens, all_gather, rank):
     return loss * scale, info, keep_token
 
 
-def _crop_right(attention_mask: torch.Tensor) -> int:
-    """Columns to keep: up to the last non-pad column of these rows (right padding is dropped)."""
-    cols = attention_mask.bool().any(dim=0).nonzero()
-    return int(cols.max()) + 1 if cols.numel() else 1
-
-
 def _two_pass_step(model, batch, cfg, step, chunk_tokens, all_gather, rank):
     decoder, head = decoder_and_head(model)
     weight = head.weight
-    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    masks = label_masks(labels, attention_mask)
+    rb = RowBatch(batch)
+    labels = rb.labels
+    masks = label_masks(labels, rb.attention_mask)
     if cfg.method in _NEEDS_NLL + _NEEDS_ENTROPY:
         with torch.no_grad():  # pass 1: score the whole micro-batch
-            tstats = _score(_hidden(decoder, input_ids, attention_mask), weight, labels, masks, cfg, chunk_tokens)
+            tstats = _score(rb.hidden(decoder), weight, labels, masks, cfg, chunk_tokens)
     else:  # random baselines read only the masks
         zeros = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
         tstats = TokenStats(nll=zeros, entropy=zeros)
@@ -166,11 +158,12 @@ def _two_pass_step(model, batch, cfg, step, chunk_tokens, all_gather, rank):
     rows = keep_sample.nonzero().squeeze(1)
     if rows.numel() == 0:  # global scope: this rank keeps nothing -> zero-weighted pass on one row
         rows, scale = torch.zeros(1, dtype=torch.long, device=labels.device), 0.0
-    n_cols = _crop_right(attention_mask[rows])
+    sub = rb.subset(rows)  # the kept rows only (cropped, or packed again): dropped rows cost nothing
+    n_cols = int(sub.labels.shape[1])
     sub_keep = keep_token[rows, :n_cols]  # [k, Tc]
     sub_resp = masks[0][rows, :n_cols]
-    sub_labels = labels[rows, :n_cols].masked_fill(~sub_keep, -100)  # token mask applied to labels
-    hidden = _hidden(decoder, input_ids[rows, :n_cols], attention_mask[rows, :n_cols])  # pass 2, with grad
+    sub_labels = sub.labels.masked_fill(~sub_keep, -100)  # token mask applied to labels
+    hidden = sub.hidden(decoder)  # pass 2, with grad
     sub_stats = token_stats_from_hidden(hidden, weight, sub_labels, sub_keep & sub_resp, with_entropy=False, chunk_tokens=chunk_tokens)
     loss, num, den_used = hidden_sft_loss(
         hidden, weight, sub_labels, sub_stats.nll, sub_keep, sub_resp, cfg.loss_norm, chunk_tokens, denominator=den
@@ -195,7 +188,8 @@ def qtuning_step_loss(
     Args:
         model: HF causal LM (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ...), dropout 0 for the
             mode-equivalence guarantee.
-        batch: ``input_ids``, ``attention_mask``, ``labels`` (``-100`` on prompt/pad), all ``[B, T]``.
+        batch: ``input_ids``, ``attention_mask``, ``labels`` (``-100`` on prompt/pad), all ``[B, T]``;
+            or a packed micro-batch (:func:`effsft.models.packing.pack_rows`), selected per row.
         cfg: an object with the :class:`QTuningConfig` attributes (the recipe's ``qtuning`` section).
         mode: ``mask`` or ``two_pass``; default ``cfg.mode``.
         step: global step (seeds the random baselines together with ``cfg.seed``).

@@ -82,31 +82,53 @@ def _data(cfg: SFTConfig, work):
                              rejects_path=work / "rejects.parquet", template=cfg.model.template)
 
 
-def total_steps(cfg: SFTConfig, rows: int) -> int:
-    """``train.max_steps``, else ``epochs`` passes over the trainable rows."""
+def total_steps(cfg: SFTConfig, units: int, per_micro: int | None = None, unit: str = "rows") -> int:
+    """``train.max_steps``, else ``epochs`` passes over the ``units`` (trainable rows, or
+    packs when packing) taken ``per_micro`` (default ``train.micro_batch_size``) per micro-batch."""
     from effsft.train.data import steps_per_epoch
 
     tr = cfg.train
-    if rows // tr.num_workers < tr.micro_batch_size:  # each worker's shard must fill a micro-batch
-        raise ConfigError(f"train.micro_batch_size: {rows} trainable rows over train.num_workers="
-                          f"{tr.num_workers} give {rows // tr.num_workers} per worker, fewer than one "
-                          f"micro-batch of {tr.micro_batch_size}")
+    per_micro = per_micro or tr.micro_batch_size
+    if units // tr.num_workers < per_micro:  # each worker's shard must fill a micro-batch
+        raise ConfigError(f"train.micro_batch_size: {units} trainable {unit} over train.num_workers="
+                          f"{tr.num_workers} give {units // tr.num_workers} per worker, fewer than one "
+                          f"micro-batch of {per_micro}")
     if tr.max_steps:
         return tr.max_steps
-    per_epoch = steps_per_epoch(rows, tr.num_workers, tr.micro_batch_size, tr.grad_accum)
+    per_epoch = steps_per_epoch(units, tr.num_workers, per_micro, tr.grad_accum)
     steps = math.floor(tr.epochs * per_epoch)
     if steps < 1:
-        raise ConfigError(f"train.epochs: {rows} trainable rows give no full optimizer step of "
-                          f"{tr.num_workers} workers x {tr.micro_batch_size} x {tr.grad_accum}")
+        raise ConfigError(f"train.epochs: {units} trainable {unit} give no full optimizer step of "
+                          f"{tr.num_workers} workers x {per_micro} x {tr.grad_accum}")
     return steps
 
 
-def _loop_spec(cfg: SFTConfig, steps: int, work):
+def plan_batches(cfg: SFTConfig, ds, counts: dict):
+    """The workers' batching and, with packing, the plan's summary (packs, fill, padding)."""
+    import numpy as np
+
+    from effsft.train.data import Batching, plan_summary
+
+    batching = Batching.of(cfg.train, cfg.tokenize.max_len)
+    if batching.packing == "off" or not counts["rows_ok"]:
+        return batching, None
+    lengths = np.concatenate([np.asarray(b["n_tokens"]) for b in ds.select_columns(["n_tokens"]).iter_batches(
+        batch_format="numpy", batch_size=None)])
+    summary = plan_summary(lengths, batching, cfg.train.micro_batch_size)
+    batching = batching.with_plan(cfg.train, summary["packs"], summary["rows"])
+    summary["packs_per_micro_batch"] = batching.micro_batch_size
+    if summary["oversized_rows"]:
+        log.warning("packing: %d rows are longer than train.pack_len=%d; each is a pack of its own (never split)",
+                    summary["oversized_rows"], batching.pack_len)
+    return batching, summary
+
+
+def _loop_spec(cfg: SFTConfig, steps: int, work, batching=None):
     from effsft.sft.loss import SFTLoss
     from effsft.train.loop import LoopSpec
 
     loss = SFTLoss(cfg.qtuning, cfg.train.chunk_tokens, cfg.train.seed, plot_dir=str(work))
-    return LoopSpec.for_job(cfg, loss, steps, work, lora=cfg.lora)
+    return LoopSpec.for_job(cfg, loss, steps, work, lora=cfg.lora, batching=batching)
 
 
 def _report(cfg: SFTConfig, work, rows: list[dict], counts: dict, summary: dict) -> None:
@@ -150,15 +172,20 @@ def run_sft(cfg: SFTConfig) -> dict:
     if counts["unreadable_files"]:
         log.warning("sft: unreadable files in data.path (listed in rejects.parquet and the manifest): %s",
                     [u["file"] for u in counts["unreadable_files"]])
-    steps = total_steps(cfg, counts["rows_ok"])
+    batching, packing = plan_batches(cfg, ds, counts)
+    if packing:
+        steps = total_steps(cfg, packing["packs"], batching.micro_batch_size, "packs")
+    else:
+        steps = total_steps(cfg, counts["rows_ok"])
     with timed(timings, "train"):
-        summary = fit(_loop_spec(cfg, steps, work), ds, work / "checkpoints", name="train")
+        summary = fit(_loop_spec(cfg, steps, work, batching), ds, work / "checkpoints", name="train")
     rows = read_metrics(work / METRICS_FILE)
     _report(cfg, work, rows, counts, summary)
     inputs = {"model": describe_model(cfg.model),
               "data": {"path": cfg.data.path}}
     metrics = {**summary, "first_loss": rows[0]["loss"] if rows else None}
-    write_manifest(work, "sft", to_dict(cfg), inputs=inputs, counts={**counts, "steps": steps},
+    write_manifest(work, "sft", to_dict(cfg), inputs=inputs,
+                   counts={**counts, "steps": steps, **({"packing": packing} if packing else {})},
                    metrics=metrics, timings=timings)
     # Checkpoints only serve resumption; the committed output holds the final model.
     shutil.rmtree(work / "checkpoints", ignore_errors=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import List, Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from effsft.config import ModelSpec, OutputPath, Strict
 from effsft.train.tracking import TrackingSpec
@@ -24,8 +24,16 @@ class TrainSpec(Strict):
     # "auto": 0 on one worker (ZeRO partitions across workers: one worker has nothing to split,
     # and stage 2 cost +43% per step on CPU), 2 on several. The manifest records the resolved stage.
     zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
+    # Rows per micro-batch. With packing, each micro-batch holds as many packs as that many rows
+    # fill on average (so rows per step, the schedule and epochs stay as without packing).
     micro_batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
+    # Padding-free packing of whole rows into pack_len-token sequences (effsft.models.packing):
+    # bfd = best-fit decreasing, greedy = in order, off = padded micro-batches of rows.
+    packing: Literal["off", "bfd", "greedy"] = "bfd"
+    pack_len: Optional[int] = Field(None, ge=8)              # tokens per pack; default tokenize.max_len
+    tokens_per_micro_batch: Optional[int] = Field(None, ge=8)  # packing: this // pack_len packs per micro-batch instead
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(2e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -47,6 +55,27 @@ class TrainSpec(Strict):
     # max_nan_steps skipped steps); stop = fail at once (effsft.train.faults)
     on_nan: Literal["skip", "stop"] = "skip"
     max_nan_steps: int = Field(10, ge=0)
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as False
+
+    @model_validator(mode="after")
+    def _packing_keys(self):
+        if self.packing == "off" and self.tokens_per_micro_batch is not None:
+            raise ValueError("train.tokens_per_micro_batch needs train.packing bfd or greedy")
+        if self.tokens_per_micro_batch is not None and self.pack_len and self.tokens_per_micro_batch < self.pack_len:
+            raise ValueError(f"train.tokens_per_micro_batch={self.tokens_per_micro_batch} is less than one pack "
+                             f"(train.pack_len={self.pack_len})")
+        return self
+
+    def packs_per_micro_batch(self, pack_len: int, packs: int, rows: int) -> int:
+        """Packs in one micro-batch: ``tokens_per_micro_batch // pack_len``, else the packs that
+        ``micro_batch_size`` rows fill on average (``packs`` packs hold the ``rows`` rows)."""
+        if self.tokens_per_micro_batch:
+            return max(1, self.tokens_per_micro_batch // pack_len)
+        return max(1, round(self.micro_batch_size * packs / max(1, rows)))
 
     @model_validator(mode="before")
     @classmethod

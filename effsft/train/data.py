@@ -8,6 +8,7 @@ fit ``tokenize.max_len``), ``no_response`` (no token carries a label).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -70,6 +71,7 @@ def tokenize_table(batch: pa.Table, tokenizer_path: str, max_len: int, train_on:
     return pa.table({
         "input_ids": pa.array(ids, pa.list_(pa.int32())),
         "labels": pa.array(labels, pa.list_(pa.int32())),
+        "n_tokens": pa.array([len(x) for x in ids], pa.int32()),
         "n_response": pa.array(n_resp, pa.int32()),
         "truncated": pa.array(truncated, pa.bool_()),
         "status": pa.array(status, pa.string()),
@@ -113,7 +115,7 @@ def source_dataset(path: str, normalize_options, split: str = "train"):
 def _keep_ok(t: pa.Table) -> pa.Table:
     import pyarrow.compute as pc
 
-    return t.filter(pc.equal(t["status"], "ok")).select(["input_ids", "labels", "n_response"])
+    return t.filter(pc.equal(t["status"], "ok")).select(["input_ids", "labels", "n_tokens", "n_response"])
 
 
 def _not_ok(t: pa.Table) -> pa.Table:
@@ -173,35 +175,116 @@ def tokenised_dataset(path: str, normalize_options, tokenizer_path: str, max_len
 def steps_per_epoch(rows: int, num_workers: int, micro_batch_size: int, grad_accum: int) -> int:
     """Optimizer steps in one pass over ``rows`` split equally across workers (the trainer's
     ``streaming_split(equal=True)`` gives each worker ``rows // num_workers`` rows; partial
-    micro-batches are dropped so every rank runs the same number of steps)."""
+    micro-batches are dropped so every rank runs the same number of steps). With packing,
+    ``rows`` counts packs and ``micro_batch_size`` packs per micro-batch."""
     return (rows // num_workers // micro_batch_size) // grad_accum
+
+
+# Rows a worker reads at a time and packs together: large enough that best-fit decreasing
+# finds tight packs, small enough that a worker starts training within a second.
+PACK_WINDOW_ROWS = 2048
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a worker turns its rows into micro-batches (the ``train.*`` keys, resolved)."""
+
+    micro_batch_size: int                 # rows, or packs when packing
+    packing: str = "off"                  # off | bfd | greedy
+    pack_len: int = 0                     # tokens per pack (packing only)
+    window_rows: int = PACK_WINDOW_ROWS
+
+    @classmethod
+    def of(cls, train, max_len: int) -> "Batching":
+        """Unpacked, or packing with ``micro_batch_size`` packs (see :meth:`with_plan`)."""
+        if train.packing == "off":
+            return cls(train.micro_batch_size)
+        return cls(train.micro_batch_size, train.packing, train.pack_len or max_len)
+
+    def with_plan(self, train, packs: int, rows: int) -> "Batching":
+        """Packs per micro-batch resolved from the plan (``TrainSpec.packs_per_micro_batch``)."""
+        from dataclasses import replace
+
+        return replace(self, micro_batch_size=train.packs_per_micro_batch(self.pack_len, packs, rows))
+
+
+def plan_summary(lengths: np.ndarray, batching: Batching, padded_batch: int) -> dict:
+    """The packing plan of a run as the workers will build it (windows of rows in order),
+    summarised for the manifest and for sizing the run (``packs``)."""
+    from effsft.models.packing import PackPlan, plan_packs, plan_stats
+
+    packs, oversized = [], 0
+    w = batching.window_rows
+    for s in range(0, len(lengths), w):
+        plan = plan_packs(lengths[s:s + w], batching.pack_len, batching.packing)
+        packs += [[s + i for i in p] for p in plan.packs]
+        oversized += plan.oversized
+    return {"strategy": batching.packing, **plan_stats(lengths, PackPlan(packs, batching.pack_len, oversized),
+                                                      padded_batch)}
 
 
 def _encoded(ids: np.ndarray, labels: np.ndarray) -> Encoded:
     return Encoded(ids.tolist(), labels.tolist(), 0, int((labels != -100).sum()))
 
 
-def micro_batches(shard, micro_batch_size: int, pad_id: int, *, start_epoch: int = 0,
+def micro_batches(shard, batching: Batching | int, pad_id: int, *, start_epoch: int = 0,
                   skip: int = 0, seed: int = 0, shuffle_buffer: int = 0
                   ) -> Iterator[tuple[int, int, dict]]:
     """Endless stream of ``(epoch, index_in_epoch, batch)`` from a worker's dataset shard.
 
-    ``batch`` is :func:`effsft.corpus.tokenize.collate`'s dict of ``[B, T]`` tensors. Resuming
-    at ``(start_epoch, skip)`` re-reads that epoch and discards its first ``skip`` micro-batches
-    (the data position saved in a checkpoint).
+    ``batch`` is :func:`effsft.corpus.tokenize.collate`'s dict of ``[B, T]`` tensors, or with
+    packing :func:`effsft.models.packing.pack_rows`'s packed micro-batch (windows of
+    ``window_rows`` rows are planned, the packs taken ``micro_batch_size`` at a time; the
+    packs left at the end of an epoch are dropped, as a partial micro-batch is unpacked).
+    The stream is a deterministic function of the shard's row order, so resuming at
+    ``(start_epoch, skip)`` re-reads that epoch and discards its first ``skip`` micro-batches
+    (the data position saved in a checkpoint) and meets the same packs.
     """
+    if isinstance(batching, int):
+        batching = Batching(batching)
     epoch = start_epoch
     while True:
         n = 0
-        it = shard.iter_batches(batch_size=micro_batch_size, drop_last=True, batch_format="numpy",
-                                local_shuffle_buffer_size=shuffle_buffer or None,
-                                local_shuffle_seed=(seed + epoch) if shuffle_buffer else None)
-        for b in it:
+        for batch in _epoch_batches(shard, batching, pad_id, seed + epoch, shuffle_buffer):
             if n >= skip:
-                enc = [_encoded(i, y) for i, y in zip(b["input_ids"], b["labels"])]
-                yield epoch, n, collate(enc, pad_id)
+                yield epoch, n, batch()
             n += 1
         if n == 0:
-            raise ValueError(f"a worker's data shard has fewer than micro_batch_size="
-                             f"{micro_batch_size} rows: use a larger corpus or fewer workers")
+            raise ValueError(f"a worker's data shard has fewer than one micro-batch "
+                             f"(train.micro_batch_size={batching.micro_batch_size}"
+                             f"{' packs' if batching.packing != 'off' else ' rows'}): use a larger "
+                             "corpus or fewer workers")
         epoch, skip = epoch + 1, 0
+
+
+def _epoch_batches(shard, b: Batching, pad_id: int, shuffle_seed: int, shuffle_buffer: int):
+    """One epoch of micro-batches, each a thunk (a skipped one costs no collation)."""
+    shuffle = dict(local_shuffle_buffer_size=shuffle_buffer or None,
+                   local_shuffle_seed=shuffle_seed if shuffle_buffer else None)
+    if b.packing == "off":
+        for rows in shard.iter_batches(batch_size=b.micro_batch_size, drop_last=True, batch_format="numpy",
+                                       **shuffle):
+            yield lambda rows=rows: collate([_encoded(i, y) for i, y in zip(rows["input_ids"], rows["labels"])],
+                                            pad_id)
+        return
+    from effsft.models.packing import plan_packs
+
+    queue: list[list[tuple]] = []
+    for rows in shard.iter_batches(batch_size=b.window_rows, batch_format="numpy", **shuffle):
+        window = list(zip(rows["input_ids"], rows["labels"]))
+        queue += [[window[i] for i in p] for p in plan_packs([len(x) for x, _ in window], b.pack_len,
+                                                             b.packing).packs]
+        while len(queue) >= b.micro_batch_size:
+            group, queue = queue[: b.micro_batch_size], queue[b.micro_batch_size:]
+            yield lambda group=group: _pack_group(group, pad_id)
+
+
+def _pack_group(group: list[list[tuple]], pad_id: int) -> dict:
+    from effsft.models.packing import pack_rows
+
+    rows = [r for pack in group for r in pack]
+    packs, at = [], 0
+    for pack in group:
+        packs.append(list(range(at, at + len(pack))))
+        at += len(pack)
+    return pack_rows(rows, packs, pad_id)

@@ -67,8 +67,11 @@ def build_engine(model, train: TrainSpec, total_steps: int, bf16: bool):
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.betas),
-                            weight_decay=train.weight_decay)
+    if train.optimizer == "sgd":  # plain SGD: the update is -lr x the gradient (exactness tests)
+        opt = torch.optim.SGD(params, lr=train.lr, weight_decay=train.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.betas),
+                                weight_decay=train.weight_decay)
     sched = lambda_lr(opt, train.warmup_steps, total_steps, train.schedule, train.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(train, bf16))

@@ -33,6 +33,7 @@ import torch
 
 from effsft.runtime import worker_path
 from effsft.train.config import FaultSpec, LoraSpec, TrainSpec
+from effsft.train.data import Batching
 from effsft.train.tracking import TrackingSpec
 
 log = logging.getLogger("effsft.train")
@@ -53,6 +54,10 @@ class StepContext:
     world_size: int
     device: torch.device
     all_gather: Callable[[Any], list] = field(repr=False, default=lambda x: [x])
+    # The step's response tokens (every micro-batch, every rank) / (grad_accum x world_size): a
+    # loss that is a token sum divided by this gives, once DeepSpeed averages over accumulation
+    # and ranks, the mean over all the step's response tokens (None outside run_step).
+    loss_tokens: Optional[float] = None
 
 
 LossFn = Callable[[torch.nn.Module, dict, StepContext], "tuple[torch.Tensor, dict]"]
@@ -92,19 +97,21 @@ class LoopSpec:
     trust_remote_code: bool = False
     attn_implementation: Optional[str] = None
     template: str = "auto"        # model.template: the saved tokenizer carries the one trained with
+    batching: Optional[Batching] = None        # None: micro_batch_size padded rows
     step_source: Optional[StepSource] = None   # None: micro-batches from the "train" dataset shard
     tracking: TrackingSpec = TrackingSpec()    # rank 0's metrics also to <out_dir>/tb (+ wandb/mlflow)
 
     @classmethod
     def for_job(cls, cfg, loss_fn: LossFn, total_steps: int, out_dir, *, train: Optional[TrainSpec] = None,
-                lora: Optional[LoraSpec] = None, step_source: Optional[StepSource] = None) -> "LoopSpec":
+                lora: Optional[LoraSpec] = None, step_source: Optional[StepSource] = None,
+                batching: Optional[Batching] = None) -> "LoopSpec":
         """The spec of a :class:`~effsft.train.config.TrainJobConfig` job (model, train, fault)."""
         m = cfg.model
         return cls(model_path=worker_path(m.path), train=train or cfg.train, lora=lora or LoraSpec(),
                    fault=cfg.fault, loss_fn=loss_fn, total_steps=total_steps, out_dir=str(out_dir),
                    dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-                   attn_implementation=m.attn_implementation, template=m.template, step_source=step_source,
-                   tracking=getattr(cfg, "tracking", None) or TrackingSpec())
+                   attn_implementation=m.attn_implementation, template=m.template, batching=batching,
+                   step_source=step_source, tracking=getattr(cfg, "tracking", None) or TrackingSpec())
 
 
 class LossModule(torch.nn.Module):
@@ -174,26 +181,30 @@ def run_step(engine, micro: list[dict], ctx: StepContext) -> dict:
 
     ``engine.backward`` scales each micro-loss by ``1/grad_accum`` and ``engine.step`` only
     updates at the accumulation boundary, so the step's gradient is the mean of the micro-batch
-    gradients. Returns the metrics: ``loss`` (mean over micro-batches and ranks), ``tokens``
+    gradients (and of the ranks'). The step's token counts are all-reduced first and handed to
+    the loss hook as ``StepContext.loss_tokens``, so a token-sum loss can be normalised by every
+    response token of the step. Returns the metrics: ``loss`` (mean over micro-batches and ranks), ``tokens``
     and ``response_tokens`` (summed over ranks), ``lr`` used, ``grad_norm`` when DeepSpeed has
     it, and the hook's scalar metrics averaged over this rank's micro-batches.
     """
     lr = float(engine.get_lr()[0])
-    loss_sum, hook_sums, tokens, resp = 0.0, {}, 0, 0
+    counts = [_token_counts(b) for b in micro]
+    tok_all, resp_all = _all_reduce_sum([sum(c[0] for c in counts), sum(c[1] for c in counts)])
+    loss_tokens = max(resp_all, 1.0) / (len(micro) * ctx.world_size)
+    loss_sum, hook_sums = 0.0, {}
     for i, batch in enumerate(micro):
         batch = {k: _to_device(v, ctx.device) for k, v in batch.items()}
-        c = StepContext(ctx.step, i, len(micro), ctx.rank, ctx.world_size, ctx.device, ctx.all_gather)
+        c = StepContext(ctx.step, i, len(micro), ctx.rank, ctx.world_size, ctx.device, ctx.all_gather,
+                        loss_tokens)
         loss, metrics = engine(batch, c)
         engine.backward(loss)
         engine.step()
         loss_sum += float(loss.detach())
-        n_tok, n_resp = _token_counts(batch)
-        tokens, resp = tokens + n_tok, resp + n_resp
         for k, v in (metrics or {}).items():
             s = _scalar(v)
             if s is not None:
                 hook_sums[k] = hook_sums.get(k, 0.0) + s
-    loss_all, tok_all, resp_all = _all_reduce_sum([loss_sum / len(micro), tokens, resp])
+    (loss_all,) = _all_reduce_sum([loss_sum / len(micro)])
     out = {"loss": loss_all / ctx.world_size, "tokens": int(tok_all), "response_tokens": int(resp_all),
            "lr": lr}
     gn = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
@@ -270,7 +281,6 @@ def save_and_report(engine, pos: Position, rank: int, metrics: dict, lora: LoraS
 def restore(engine, lora: LoraSpec) -> Position | None:
     """Load the checkpoint Ray Train hands back (after a failure, or a re-run of the same
     run name); None when starting fresh."""
-    import ray.train
 
     from effsft.train.faults import restore_latest_readable  # falls back past a corrupt checkpoint
 
@@ -279,6 +289,16 @@ def restore(engine, lora: LoraSpec) -> Position | None:
 
 
 # ---- the worker loop -------------------------------------------------------------------
+
+def peak_memory(device: torch.device) -> dict:
+    """Rank 0's peak memory: host RSS (MiB) and, on a GPU, the CUDA allocator's peak."""
+    import resource
+
+    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
 
 def worker_threads(threads: int | None, local_workers: int) -> int:
     """torch threads of a CPU worker: ``train.threads``, else this node's cores shared out."""
@@ -331,7 +351,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     base_ctx = StepContext(pos.step, 0, tr.grad_accum, rank, world, device, all_gather_object)
     source = spec.step_source
     if source is None:
-        stream = micro_batches(ray.train.get_dataset_shard("train"), tr.micro_batch_size,
+        stream = micro_batches(ray.train.get_dataset_shard("train"), spec.batching or tr.micro_batch_size,
                                tok.pad_token_id, start_epoch=pos.epoch, skip=pos.offset,
                                seed=tr.seed, shuffle_buffer=tr.shuffle_buffer)
     else:
@@ -369,4 +389,4 @@ def train_loop_per_worker(config: dict) -> dict | None:
             "final_loss": last.get("loss"), "tokens": tokens, "setup_s": round(setup_s, 3),
             "train_s": round(train_s, 3),
             "tokens_per_s": tokens / train_s if train_s > 0 else None, **nan_guard.summary(),
-            **(source.summary() if source is not None else {})}
+            **peak_memory(device), **(source.summary() if source is not None else {})}

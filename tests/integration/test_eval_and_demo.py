@@ -81,4 +81,7 @@ def test_demo_end_to_end(tmp_path):
     rc, stdout, stderr = _demo(args, tmp_path)
     assert rc == 0, (stdout + stderr)[-3000:]
     again = json.loads((out / "demo_summary.json").read_text())
-    assert all(v.get("reused") for v in again.values())
+    assert all(v.get("reused") for v in again.values() if isinstance(v, dict))
+    assert again["eval_sft"]["exact_match.accuracy"] == summary["eval_sft"]["exact_match.accuracy"]
+    assert "exact_match.also.last_number.accuracy" in summary["eval_base"]
+    assert len(summary["reward_curve"]) == 2 and (out / "demo_summary.md").exists()

@@ -207,7 +207,7 @@ def test_micro_batch_stream_cycles_epochs_and_resumes_at_position():
     e, i, b = next(resumed)
     assert (e, i) == (1, 2) and torch.equal(b["input_ids"], seq[5][2]["input_ids"])
     assert b["labels"][0, 0] == -100 and b["attention_mask"].shape == b["input_ids"].shape
-    with pytest.raises(ValueError, match="fewer than micro_batch_size"):
+    with pytest.raises(ValueError, match="fewer than one micro-batch"):
         next(micro_batches(_FakeShard(1), 2, pad_id=0))
 
 
