@@ -243,8 +243,12 @@ def run_scorer(cfg: SelectConfig, cache: Path, shards: list[Path], corpus_fp: st
             "model": fingerprint(model_dir) if model_dir and os.path.isdir(model_dir) else None}
     store = ScoreStore(cache, name, spec)
     cpu_only = name in ("length", "zip_g") or (name.startswith("emb_") and cfg.embed.kind == "lexical")
+    # LESS does a forward + backward per row: smaller actor calls keep the pipeline visibly moving
+    # (Ray Data fails a pipeline whose blocks do not move for RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S).
+    rows_per_call = min(cfg.scorer.batch_size, 4 * cfg.scorer.micro_batch_size) if name == "less" \
+        else cfg.scorer.batch_size
     pool = PoolSpec(concurrency=cfg.scorer.concurrency, num_cpus=cfg.scorer.num_cpus,
-                    num_gpus=0.0 if cpu_only else cfg.scorer.num_gpus, batch_size=cfg.scorer.batch_size)
+                    num_gpus=0.0 if cpu_only else cfg.scorer.num_gpus, batch_size=rows_per_call)
     fault = Fault(cfg.fault.kill_actor_after_batches, cfg.fault.stop_after_shards, str(marker_dir),
                   cfg.fault.hold_after_shards)
     stats = score_shards(store, shards, factory, kwargs, pool, fault)
