@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from effsft.config import ConfigError, ExistingPath, Strict, to_dict
 from effsft.corpus.answer import AnswerSpec
@@ -122,6 +122,12 @@ class GRPOConfig(TrainJobConfig):
         if not self.reward_funcs:
             raise ValueError("reward_funcs: give at least one reward function")
         return self
+
+    @field_validator("prefix_grouping", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):
+        # YAML 1.1 reads a bare `on` / `off` as a boolean: `prefix_grouping=on` must still mean "on".
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @property
     def eps_high(self) -> float:

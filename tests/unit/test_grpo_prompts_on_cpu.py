@@ -71,3 +71,16 @@ def test_bad_data_config_names_the_key(tiny_model_dir, tmp_path, keys, message):
     data = _write(tmp_path / "p.jsonl", [json.dumps({"messages": "hi there", "answer": "1"})])
     with pytest.raises(ConfigError, match=message):
         read_prompts(_cfg(tiny_model_dir, data, tmp_path, **keys), tmp_path / "rejects.parquet")
+
+
+def test_prefix_grouping_on_off_survive_yaml(tmp_path):
+    """``prefix_grouping=on`` on the command line (YAML reads a bare on/off as a boolean)."""
+    from effsft.config import load_config
+    from effsft.grpo.recipe import GRPOConfig
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"messages": [{"role": "user", "content": "hi"}], "answer": "1"}\n')
+    for word in ("on", "off", "auto"):
+        cfg = load_config(GRPOConfig, None, [f"model.path={tmp_path}", f"output={tmp_path / 'o'}",
+                                             f"data.path={prompts}", f"prefix_grouping={word}"])
+        assert cfg.prefix_grouping == word
