@@ -51,8 +51,9 @@ _GROUPED_FORWARD_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar(
 class GroupPlan:
     """Index plan of one packed micro-batch (built once, used by every layer).
 
-    Row b holds ``[P_b; R_b1; ...; R_bG]`` right-padded to ``S``. All indices are flat indices into
-    the ``B * S`` packed positions.
+    Group b is ``[P_b; R_b1; ...; R_bG]``, laid out in one of ``R`` right-padded rows of ``S``
+    (several groups per row when they fit). All indices are flat indices into the ``R * S``
+    packed positions; ``B`` below is the number of groups.
 
     Attributes:
         input_ids: ``[B, S]`` packed token ids (pad = 0).
@@ -96,7 +97,7 @@ class GroupPlan:
         A finite minimum (not -inf) keeps padded query rows NaN-free; NaN there would leak into dK/dV.
 
         Returns:
-            prefix mask ``[B, 1, maxLp, maxLp]`` (causal & valid key) and suffix mask
+            prefix mask ``[B, 1, maxLp, maxLp]`` (B groups; causal & valid key) and suffix mask
             ``[N, 1, maxLr, maxLp + maxLr]`` (all valid prefix keys, then causal & valid suffix keys;
             the bottom-right-aligned causal mask of query t over ``Lp + t + 1`` keys).
         """
@@ -120,13 +121,21 @@ class GroupPlan:
         return allowed_p[:, None], allowed_s[:, None]
 
 
-def build_plan(prompts: list[torch.Tensor], completions: list[list[torch.Tensor]]) -> GroupPlan:
-    """Pack whole groups into right-padded rows ``[P; R_1; ...; R_G]``.
+def build_plan(prompts: list[torch.Tensor], completions: list[list[torch.Tensor]],
+               pack: bool = True) -> GroupPlan:
+    """Lay whole groups ``[P; R_1; ...; R_G]`` out in rows, several groups per row when they fit.
+
+    With ``pack`` the groups are packed best-fit into rows as long as the longest group (never a
+    group split), so a micro-batch of many small groups pads little; without it every group has
+    a row of its own. The layout only places tokens: every attention index below is a flat index
+    into the ``R * S`` packed positions, and the grouped attention reads groups through them, so
+    a group never sees another group of its row.
 
     Args:
         prompts: B 1-D LongTensors (unpadded, each of length >= 1).
         completions: per prompt, a list of 1-D LongTensors; empty ones must already be dropped, and
             each group must hold at least one completion.
+        pack: several groups per row (best fit); False: one group per row.
 
     Returns:
         The :class:`GroupPlan` (CPU tensors are moved to the prompts' device).
@@ -136,35 +145,45 @@ def build_plan(prompts: list[torch.Tensor], completions: list[list[torch.Tensor]
     lr = [[int(c.numel()) for c in cs] for cs in completions]
     if min(lp) < 1:
         raise ValueError("every prompt needs at least one token (its last logit scores the first completion token)")
-    B, S = len(prompts), max(a + sum(b) for a, b in zip(lp, lr))
-    max_lp, max_lr = max(lp), max(max(b) for b in lr)
-    ids = torch.zeros(B, S, dtype=torch.long, device=device)
-    pos = torch.zeros(B, S, dtype=torch.long, device=device)
+    size = [a + sum(b) for a, b in zip(lp, lr)]
+    rows = _group_rows(size, pack)
+    S = max(sum(size[b] for b in r) for r in rows)
+    base = [0] * len(prompts)  # flat packed index of each group's first token
+    for r, groups in enumerate(rows):
+        at = 0
+        for b in groups:
+            base[b] = r * S + at
+            at += size[b]
+    B, max_lp, max_lr = len(prompts), max(lp), max(max(b) for b in lr)
+    ids = torch.zeros(len(rows) * S, dtype=torch.long, device=device)
+    pos = torch.zeros(len(rows) * S, dtype=torch.long, device=device)
     prefix_gather = torch.zeros(B, max_lp, dtype=torch.long)
     prefix_valid = torch.zeros(B, max_lp, dtype=torch.bool)
     suffix_gather, suffix_valid, row_of, pred = [], [], [], []
     for b, (p, cs) in enumerate(zip(prompts, completions)):
-        ids[b, : lp[b]] = p
-        pos[b, : lp[b]] = torch.arange(lp[b])
-        prefix_gather[b] = b * S
+        o = base[b]
+        ids[o: o + lp[b]] = p
+        pos[o: o + lp[b]] = torch.arange(lp[b])
+        prefix_gather[b] = o  # pad slots point at the group's first token
         prefix_gather[b, : lp[b]] += torch.arange(lp[b])
         prefix_valid[b, : lp[b]] = True
         start = lp[b]
         for c in cs:
             n = c.numel()
-            ids[b, start : start + n] = c
-            pos[b, start : start + n] = torch.arange(lp[b], lp[b] + n)
+            ids[o + start: o + start + n] = c
+            pos[o + start: o + start + n] = torch.arange(lp[b], lp[b] + n)
             # R[0] is scored by the last prompt logit (shared by the group); R[t] by position start+t-1.
             # A plain one-step shift over the packed row would score R_j[0] from R_{j-1}'s last token.
-            pred.append(b * S + torch.cat([torch.tensor([lp[b] - 1]), torch.arange(start, start + n - 1)]))
-            g = torch.full((max_lr,), b * S, dtype=torch.long)
-            g[:n] = b * S + start + torch.arange(n)
+            pred.append(o + torch.cat([torch.tensor([lp[b] - 1]), torch.arange(start, start + n - 1)]))
+            g = torch.full((max_lr,), o, dtype=torch.long)
+            g[:n] = o + start + torch.arange(n)
             v = torch.zeros(max_lr, dtype=torch.bool)
             v[:n] = True
             suffix_gather.append(g)
             suffix_valid.append(v)
             row_of.append(b)
             start += n
+    ids, pos = ids.view(len(rows), S), pos.view(len(rows), S)
     suffix_gather_t = torch.stack(suffix_gather)  # [N, maxLr]
     suffix_valid_t = torch.stack(suffix_valid)  # [N, maxLr]
     # Real tokens of the concatenated (prefix slots, suffix slots) list -> their packed positions.
@@ -185,6 +204,15 @@ def build_plan(prompts: list[torch.Tensor], completions: list[list[torch.Tensor]
         pred_idx=torch.cat(pred).to(device),
         targets=torch.cat([c for cs in completions for c in cs]).to(device),
     )
+
+
+def _group_rows(size: list[int], pack: bool) -> list[list[int]]:
+    """Groups per physical row: best fit into rows as long as the longest group, or one each."""
+    if not pack:
+        return [[b] for b in range(len(size))]
+    from effsft.models.packing import plan_packs
+
+    return sorted(plan_packs(size, max(size), "bfd").packs)  # rows in group order
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,8 +260,8 @@ def grouped_attention(query, key, value, plan: GroupPlan, scaling: float, math_i
     Returns:
         ``[B, S, Hq, d]``; padded packed positions are 0.
     """
-    B, Hq, S, d = query.shape
-    max_lp = plan.prefix_valid.shape[1]
+    B, Hq, S, d = query.shape          # B physical rows (each holds one or more groups)
+    P, max_lp = plan.prefix_valid.shape  # P groups (prompts)
     N, max_lr = plan.suffix_valid.shape
 
     def gather(x, idx, rows, length):  # [B, H, S, d] -> [rows, H, length, d]
@@ -241,17 +269,17 @@ def grouped_attention(query, key, value, plan: GroupPlan, scaling: float, math_i
         flat = x.transpose(1, 2).reshape(B * S, h, d)  # [B*S, H, d]
         return flat.index_select(0, idx).view(rows, length, h, d).transpose(1, 2)
 
-    qp, kp, vp = (gather(x, plan.prefix_gather, B, max_lp) for x in (query, key, value))  # [B, H, maxLp, d]
+    qp, kp, vp = (gather(x, plan.prefix_gather, P, max_lp) for x in (query, key, value))  # [P, H, maxLp, d]
     qs, ks, vs = (gather(x, plan.suffix_gather, N, max_lr) for x in (query, key, value))  # [N, H, maxLr, d]
     mask_p, mask_s = plan.additive_masks(query.dtype, query.device)
-    op = attend(qp, kp, vp, mask_p, scaling, math_impl)  # [B, Hq, maxLp, d]
+    op = attend(qp, kp, vp, mask_p, scaling, math_impl)  # [P, Hq, maxLp, d]
     # index_select's backward sums the G suffix contributions into each shared prefix K/V (Lemma 2.1).
     kc = torch.cat([kp.index_select(0, plan.row_of), ks], dim=2)  # [N, Hkv, maxLp + maxLr, d]
     vc = torch.cat([vp.index_select(0, plan.row_of), vs], dim=2)
     os_ = attend(qs, kc, vc, mask_s, scaling, math_impl)  # [N, Hq, maxLr, d]
     slots = torch.cat(
-        [op.transpose(1, 2).reshape(B * max_lp, Hq, d), os_.transpose(1, 2).reshape(N * max_lr, Hq, d)]
-    )  # [B*maxLp + N*maxLr, Hq, d]
+        [op.transpose(1, 2).reshape(P * max_lp, Hq, d), os_.transpose(1, 2).reshape(N * max_lr, Hq, d)]
+    )  # [P*maxLp + N*maxLr, Hq, d]
     out = query.new_zeros(B * S, Hq, d).index_copy(0, plan.scatter_dst, slots.index_select(0, plan.scatter_src))
     return out.view(B, S, Hq, d)
 

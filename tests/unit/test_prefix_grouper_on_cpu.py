@@ -153,8 +153,9 @@ def test_float64_and_naive_reference(monkeypatch):
 
 
 def _dense_oracle(model, prompts, comps):
-    """Plain model on the packed rows with a dense 4-D segment mask; logits picked by a loop."""
-    plan = build_plan(prompts, comps)
+    """Plain model on the packed rows (one group per row) with a dense 4-D segment mask; logits
+    picked by a loop."""
+    plan = build_plan(prompts, comps, pack=False)
     B, S = plan.shape
     seg = torch.full((B, S), -1)
     for b, (p, cs) in enumerate(zip(prompts, comps)):
@@ -189,7 +190,7 @@ def test_dense_mask_oracle(impl):
     assert _max_diff(grouped, oracle) <= 1e-5
     _assert_grads_close(_grads(model, grouped), _grads(model, oracle), 1e-4)
     # The bug class of OpenPipe ART #666: a plain causal mask over the packed row must NOT match.
-    plan = build_plan(prompts, comps)
+    plan = build_plan(prompts, comps, pack=False)
     plain = model(input_ids=plan.input_ids, position_ids=plan.position_ids).logits.float().log_softmax(-1)
     plain_lp = plain.flatten(0, 1)[plan.pred_idx, plan.targets]
     assert (plain_lp - torch.cat(grouped)).abs().max() > 1e-3
@@ -284,7 +285,7 @@ def _ref_attn_func(q, k, v, attn_mask, *args, **kwargs):
 def _pg_inputs():
     pg = pytest.importorskip("prefix_grouper")
     prompts, comps = make_batch(11, allow_empty=False)
-    plan = build_plan(prompts, comps)
+    plan = build_plan(prompts, comps, pack=False)  # the package lays out one group per row
     info = [[p.numel()] + [c.numel() for c in cs] for p, cs in zip(prompts, comps)]
     return pg.PrefixGrouper(info, padding_mode="right"), plan
 
@@ -347,3 +348,20 @@ def test_theoretical_matmul_flops_match_counted_flops(G, Lp, Lr):
     c_pw -= 2.0 * norms  # RMSNorm weights are parameters without a matmul
     theo = theoretical_ratios(G, Lp, Lr, c_pw, 0.0, c_head)["total"]
     assert counted[True] / counted[False] == pytest.approx(theo, rel=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_several_groups_share_a_packed_row(impl):
+    """Small groups packed into the rows of the largest (micro-batches of many short groups pad
+    little): the same log-probs and gradients as one group per row and as the repeated forward."""
+    model = make_model("qwen2", impl)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, V, (n,), generator=g) for n in (20, 3, 4, 2, 5)]
+    comps = [[torch.randint(0, V, (n,), generator=g) for n in sizes]
+             for sizes in ((6, 5, 7), (2, 3), (1, 2), (3,), (2, 2))]
+    plan = build_plan(prompts, comps)
+    assert plan.shape[0] < len(prompts)  # really packed: fewer rows than groups
+    packed = completion_logprobs(model, prompts, comps, grouped=True)
+    repeated = completion_logprobs(model, prompts, comps, grouped=False)
+    assert _max_diff(packed, repeated) <= 1e-5
+    _assert_grads_close(_grads(model, packed), _grads(model, repeated), 1e-4)
