@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         runtime.release_outputs()
+        console.detach()
     print(format_result(result))
     return 0
 

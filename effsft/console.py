@@ -71,9 +71,9 @@ def setup(level: str = "info") -> None:
             root.removeHandler(h)
             h.close()
     S.log_dir, S.file = None, None  # a new job (main() may run several in one process)
-    if S.workers is not None and S.workers.file is not None:
-        S.workers.file.close()
-        S.workers.file = None
+    if S.workers is not None:
+        with S.workers.lock:
+            S.workers.close_file()
     root.setLevel(logging.DEBUG if level == "debug" else logging.INFO)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(asctime)s %(message)s" if level != "debug" else _FMT,
@@ -155,10 +155,17 @@ class _WorkerSink:
 
     def open(self, path: Path) -> None:
         with self.lock:
+            self.close_file()
+            path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(path, "a", buffering=1)
             for line in self.pending:
                 self.file.write(line)
             self.pending = []
+
+    def close_file(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
     def __call__(self, data: dict) -> None:
         who = data.get("actor_name") or data.get("task_name") or ""
@@ -207,6 +214,24 @@ def log_to(directory: str | os.PathLike) -> None:
     S.file = fh
     if S.workers is not None:
         S.workers.open(d / WORKERS_FILE)
+
+
+def detach() -> None:
+    """The job is over: close its log files and forget their directory (it may be renamed or
+    removed next). Later output of the process (another job run in-process, a Ray started by
+    someone else) is not written into a finished job's logs."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_effsft", False) and h is not S.file and h is not S.memory:
+            continue  # the console handler stays
+        if getattr(h, "_effsft", False):
+            root.removeHandler(h)
+            h.close()
+    S.log_dir, S.file, S.memory = None, None, None
+    if S.workers is not None:
+        with S.workers.lock:
+            S.workers.close_file()
+            S.workers.pending = []
 
 
 def log_exception(text: str) -> None:
