@@ -167,4 +167,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     (out / "demo_summary.md").write_text(summary_table(s) + "\n")
     log.info("demo summary (%s):\n%s", out / "demo_summary.md", summary_table(s))
     (out / "demo_summary.json").write_text(json.dumps(s, indent=2, default=str))
-    return s
+    # the console already has the table: the result names where the detail is (one line each)
+    return {"output": str(out), "summary": str(out / "demo_summary.md"), "detail": str(out / "demo_summary.json"),
+            "stages": [k for k in s if isinstance(s[k], dict)]}
