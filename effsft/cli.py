@@ -157,7 +157,10 @@ def failure_message(e: BaseException) -> str:
             where = f" while writing {c.filename}" if c.filename else ""
             return f"disk full{where}: {c.strerror or c}"
         if isinstance(c, UnreadableFileError):
-            return str(c).splitlines()[0]
+            # Ray re-raises a task's error as a subclass of both RayTaskError and the original
+            # type, whose text starts with the task header; the message is the line naming the file.
+            lines = str(getattr(c, "cause", None) or c).splitlines()
+            return next((ln.strip() for ln in lines if "unreadable corpus file" in ln), lines[-1] if lines else "")
     root = chain[-1]
     text = str(root).strip().splitlines()
     return f"{type(root).__name__}: {text[-1] if text else ''}"
