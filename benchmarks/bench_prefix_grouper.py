@@ -1,4 +1,4 @@
-"""Prefix Grouper benchmark: grouped vs repeated GRPO forward+backward (spec §2 Benchmarks).
+"""Prefix Grouper benchmark: grouped vs repeated GRPO forward+backward (docs/algorithms/prefix_grouper_grpo.md §2 Benchmarks).
 
 For G in {4, 8, 16} and r = Lp/Lr in {1, 4, 16}: median wall time of forward + backward of the summed
 completion log-probs (after warm-up), and memory, for

@@ -18,7 +18,7 @@ the moment the first actor has its model loaded to the moment the last shard is 
 it still contains the start-up of any later actor, which competes for the same cores). The
 end-to-end wall (Ray Data planning, actor start, model load, scoring, writing) is reported too.
 
-Also prints the 1M-row cost model of spec §4: hours on this CPU for the measured rows/s, and
+Also prints the 1M-row cost model of docs/algorithms/data_selection.md §4: hours on this CPU for the measured rows/s, and
 H100-hours for a 1.7B model from FLOPs, rows/s = η·989e12 / (2·P·T̄·passes), η = 0.35, with
 the measured mean tokens per row T̄ of this corpus (per pass kind: ce, ifd, selectit).
 """

@@ -48,7 +48,7 @@ from effsft.sft.loss import SFTLoss
 from effsft.sft.recipe import QTuningSpec
 from effsft.train.loop import StepContext
 
-# name -> qtuning.* keys. two_pass selects the same samples/tokens as mask (spec §3.3, tested).
+# name -> qtuning.* keys. two_pass selects the same samples/tokens as mask (docs/algorithms/qtuning.md §3.3, tested).
 METHODS = {
     "full": dict(method="off"),
     "qtuning": dict(method="qtuning", sample_ratio=0.25, token_ratio=0.5, mode="two_pass"),

@@ -236,12 +236,6 @@ class CorpusSpec(Strict):
     # on and its manifest lists the file; "fail" = the job exits 1 naming the file.
     on_unreadable: Literal["reject", "fail"] = "reject"
 
-    def normalize_options(self):
-        from effsft.corpus.normalize import NormalizeOptions
-
-        return NormalizeOptions(max_row_bytes=self.max_row_bytes, id_field=self.id_field,
-                                on_unreadable=self.on_unreadable)
-
 
 class TokenizeSpec(Strict):
     max_len: int = Field(1024, gt=8)

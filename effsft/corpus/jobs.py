@@ -69,6 +69,7 @@ class PrepareConfig(Strict):
 
 
 def run_prepare(cfg: PrepareConfig) -> dict:
+    from effsft.corpus.normalize import NormalizeOptions
     from effsft.corpus.prepare import prepare_corpus
     from effsft.report.manifest import fingerprint, write_manifest
 
@@ -76,7 +77,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     work = out.open()
     timings: dict = {}
     ray_desc = init_ray()
-    opts = cfg.input.normalize_options()
+    opts = NormalizeOptions.of(cfg.input)
     with timed(timings, "fingerprint"):
         fp = fingerprint(cfg.input.path, options=(opts, cfg.input.split))
     with timed(timings, "prepare"):

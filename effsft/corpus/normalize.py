@@ -46,6 +46,11 @@ class NormalizeOptions:
     require_user_turn: bool = True
     on_unreadable: str = "reject"   # a file that cannot be read: "reject" (a row in rejects) or "fail"
 
+    @classmethod
+    def of(cls, spec) -> "NormalizeOptions":
+        """The options of an input spec (config's ``InputSpec``: max_row_bytes, id_field, on_unreadable)."""
+        return cls(max_row_bytes=spec.max_row_bytes, id_field=spec.id_field, on_unreadable=spec.on_unreadable)
+
 
 def content_id(messages: list[dict]) -> str:
     """BLAKE2b-128 of the canonical messages: stable across runs, machines and formats."""

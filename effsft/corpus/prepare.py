@@ -134,7 +134,7 @@ def good_rows(path: str, opts: NormalizeOptions, limit: int, split: str = "train
 def first_good_rows(spec, limit: int) -> tuple[list[dict], list[dict]]:
     """The first ``limit`` normalised rows (``id``, ``messages``) of a CorpusSpec and the
     unreadable files met (see :func:`good_rows`)."""
-    return good_rows(spec.path, spec.normalize_options(), limit, split=spec.split)
+    return good_rows(spec.path, NormalizeOptions.of(spec), limit, split=spec.split)
 
 
 def prepare_corpus(input_path: str, out_dir: str | os.PathLike, *, opts: NormalizeOptions = NormalizeOptions(),

@@ -1,6 +1,6 @@
 """The GRPO controller's pure pieces (no Ray): which prompts a step uses, rewards, advantages,
 sharding whole groups over ranks and micro-batches, per-step rollout statistics, and the loss
-hook the shared training loop runs (spec §3–§4).
+hook the shared training loop runs (docs/algorithms/prefix_grouper_grpo.md §3–§4).
 
 One optimizer step consumes ``P = prompts_per_step`` prompt groups of ``G`` completions; the
 P groups are split into ``W`` ranks x ``GA`` micro-batches of ``P / (W * GA)`` whole groups
@@ -148,7 +148,7 @@ def frozen_logprobs(model, batch: dict, grouped: bool, temperature: float) -> to
 def deepspeed_ga_compensation(grad_accum: int) -> float:
     """Factor applied to the pure loss before ``engine.backward``.
 
-    ``grpo_loss`` already applies the spec §3 GA scaling (÷GA for grpo/bnpo/dr_grpo; none for
+    ``grpo_loss`` already applies the docs/algorithms/prefix_grouper_grpo.md §3 GA scaling (÷GA for grpo/bnpo/dr_grpo; none for
     dapo, whose N_tok spans the whole step); DeepSpeed's ``engine.backward`` divides every
     micro-loss by GA once more (``scale_wrt_gas``). Multiplying by GA undoes exactly that one
     extra division (checked on the installed DeepSpeed by a test).

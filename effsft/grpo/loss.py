@@ -1,4 +1,4 @@
-"""GRPO advantages and clipped policy loss (TRL formulas, spec §3).
+"""GRPO advantages and clipped policy loss (TRL formulas, docs/algorithms/prefix_grouper_grpo.md §3).
 
 References: DeepSeekMath (arXiv 2402.03300, Eq. 3 GRPO objective), Dr. GRPO (arXiv 2503.20783,
 ``scale_rewards=none`` and the ``dr_grpo`` normaliser), DAPO (arXiv 2503.14476, token-level
@@ -114,7 +114,7 @@ def grpo_loss(
     grad_accum: int = 1,
     world_size: int = 1,
 ) -> torch.Tensor:
-    """Micro-batch GRPO loss (spec §3 table); each scaling is applied exactly once here.
+    """Micro-batch GRPO loss (docs/algorithms/prefix_grouper_grpo.md §3 table); each scaling is applied exactly once here.
 
     Args:
         logps, old_logps, ref_logps: ``[N, T]`` right-padded per-token log-probs.

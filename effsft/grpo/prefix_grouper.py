@@ -216,7 +216,7 @@ def _group_rows(size: list[int], pack: bool) -> list[list[int]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Grouped attention (spec §1: two kernel calls per layer)
+# Grouped attention (docs/algorithms/prefix_grouper_grpo.md §1: two kernel calls per layer)
 # ----------------------------------------------------------------------------------------------
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """``[n, Hkv, L, d] -> [n, Hkv * n_rep, L, d]`` (GQA), same layout as transformers' repeat_kv."""
@@ -298,7 +298,7 @@ def _base_function(base: str, module):
 
 def _make_attention_fn(base: str):
     # GPU backends (flash/flex) run the same two-call math through SDPA with dense masks: exact, but
-    # without their kernels' memory savings (varlen/flex kernels are a TODO, spec §2 table).
+    # without their kernels' memory savings (varlen/flex kernels are a TODO, docs/algorithms/prefix_grouper_grpo.md §2 table).
     math_impl = "eager" if base == "eager" else "sdpa"
 
     def effsft_grouped_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -500,7 +500,7 @@ def split_padded(ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Theoretical cost (paper Lemma 2.2, spec §1)
+# Theoretical cost (paper Lemma 2.2, docs/algorithms/prefix_grouper_grpo.md §1)
 # ----------------------------------------------------------------------------------------------
 def cost_coefficients(model) -> tuple[float, float, float]:
     """``(c_pw, c_att, c_head)`` FLOPs: ~2 * non-embedding params per token; 4 * layers * heads *

@@ -4,7 +4,7 @@ Features (each a config key):
 * prompts (``data.*``): a Parquet/JSONL file with a prompt column (chat ``messages`` or a
   string) and the reward functions' columns (``answer`` for ``math_exact_match``), e.g. the
   synthetic corpus' ``grpo.parquet``; ``data.tasks`` keeps only some ``task`` values.
-* GRPO (spec §3, TRL formulas; top-level keys): ``num_generations`` G, ``scale_rewards``,
+* GRPO (docs/algorithms/prefix_grouper_grpo.md §3, TRL formulas; top-level keys): ``num_generations`` G, ``scale_rewards``,
   ``loss_type``, ``epsilon``/``epsilon_high``, ``beta`` (a frozen reference model is loaded
   in every trainer worker only when β > 0), ``num_iterations`` μ, ``max_completion_length``,
   ``temperature``/``top_p``, ``reward_funcs`` (``fn`` + ``weight``: built-in name or
@@ -16,7 +16,7 @@ Features (each a config key):
   ``max_steps`` (else ``epochs`` over the prompts), ``checkpoint_every``/resume,
   ``max_failures``; ``fault.kill_rank_at_step`` for tests.
 
-Layout (spec §4): synchronous and on-policy. Rank 0 of the Ray Train loop is the controller
+Layout (docs/algorithms/prefix_grouper_grpo.md §4): synchronous and on-policy. Rank 0 of the Ray Train loop is the controller
 (:class:`GRPOSource`, the loop's step source): each rollout batch it asks the actors for G
 samples per prompt (token ids), scores them, computes advantages over the whole batch and
 scatters whole groups to the ranks; each rank computes old (μ > 1) and reference (β > 0)
@@ -93,7 +93,7 @@ class RolloutSpec(Strict):
 
 class GRPOConfig(TrainJobConfig):
     """``effsft grpo``: the shared model/output/train/fault/overwrite sections, plus these.
-    The GRPO keys are spec §3's with its defaults."""
+    The GRPO keys are docs/algorithms/prefix_grouper_grpo.md §3's with its defaults."""
 
     data: PromptDataSpec
     num_generations: int = Field(8, ge=2)
@@ -191,7 +191,7 @@ class GRPOSource:
     # -- pieces -------------------------------------------------------------------------------
     def _reference_model(self, ctx):
         if self.cfg.beta == 0:
-            return None  # β = 0: no reference model at all (spec §3)
+            return None  # β = 0: no reference model at all (docs/algorithms/prefix_grouper_grpo.md §3)
         from effsft.models.loading import load_model
 
         m = self.cfg.model
@@ -262,7 +262,7 @@ class GRPOSource:
 
     def _add_frozen_logprobs(self, micro: list[dict], engine_model) -> None:
         """Old log-probs with the current weights (μ > 1; μ = 1 uses ``s.detach()`` in the
-        loss) and reference log-probs (β > 0), once per rollout batch (spec §3 Updates)."""
+        loss) and reference log-probs (β > 0), once per rollout batch (docs/algorithms/prefix_grouper_grpo.md §3 Updates)."""
         from effsft.grpo.controller import frozen_logprobs
 
         ref = self._state["ref"]

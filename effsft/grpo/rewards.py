@@ -1,4 +1,4 @@
-"""Reward functions for GRPO (spec §3 Rewards).
+"""Reward functions for GRPO (docs/algorithms/prefix_grouper_grpo.md §3 Rewards).
 
 A reward function is ``f(prompts, completions, **columns) -> list[float | None]`` (TRL's calling
 convention: the dataset's extra columns arrive as keyword lists; ``None`` = "no opinion", skipped

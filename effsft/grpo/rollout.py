@@ -1,4 +1,4 @@
-"""Rollout actors and reward tasks for ``effsft grpo`` (spec §4: Ray plumbing around pure code).
+"""Rollout actors and reward tasks for ``effsft grpo`` (docs/algorithms/prefix_grouper_grpo.md §4: Ray plumbing around pure code).
 
 :class:`RolloutWorker` is a plain class (testable without Ray); the recipe wraps it with
 ``ray.remote(num_cpus=..., num_gpus=...)``. It samples G completions per prompt with HF
@@ -6,7 +6,7 @@
 loads new weights that the trainer's rank 0 ``ray.put`` once per sync (Ray resolves the
 object ref argument to the state dict, read from the object store).
 
-vLLM is not wired in (its in-place weight loading is version dependent, spec §4 uncertain);
+vLLM is not wired in (its in-place weight loading is version dependent, docs/algorithms/prefix_grouper_grpo.md §4 uncertain);
 the actor interface (``generate`` / ``update_weights`` / ``weights_checksum``) is what a vLLM
 actor would implement.
 """

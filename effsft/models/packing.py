@@ -31,7 +31,8 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from effsft.corpus.tokenize import IGNORE_INDEX
+
 Strategy = Literal["bfd", "greedy"]
 
 

@@ -310,7 +310,7 @@ def prune_task(model_spec: dict, settings: dict, calib, windows, save_dir: str |
         device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = PruneSettings(**{**settings, "device": device})
     _reset_peak_memory(device)
-    # The model lives in host RAM; only the current block moves to `device` (spec §4).
+    # The model lives in host RAM; only the current block moves to `device` (docs/algorithms/dlp.md §4).
     dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[
         resolve_dtype(model_spec["dtype"], device)]
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Row embeddings: masked-mean LM states, sentence-transformers, and a cheap lexical embedder.
 
 * ``masked_mean_pool`` / ``lm_embed``: mean of the LM's last hidden state over real tokens
-  only (DiverseEvol averages over pad tokens too, padded to 4096: spec §2 "embed").
+  only (DiverseEvol averages over pad tokens too, padded to 4096: docs/algorithms/data_selection.md §2 "embed").
 * ``SentenceEmbedder``: all-MiniLM-L6-v2 (d = 384, 256 tokens, L2-normalised) from a local
   directory, never the hub.
 * ``HashedNgramEmbedder``: a CPU-only fallback for k-means on 2 cores — hashed byte n-grams

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from effsft.corpus.tokenize import IGNORE_INDEX
 from effsft.select.lm_scores import STATUS_OK, encode_pairs, pad_right
 
 __all__ = [
@@ -70,7 +71,6 @@ __all__ = [
 
 PROJECTOR_VERSION = "rademacher-blake2b-v1"
 BETA1, BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
-IGNORE = -100
 
 
 # ----------------------------------------------------------------------------- projection
@@ -250,7 +250,7 @@ def encode_rows(tokenizer, messages_list, max_len: int) -> tuple[list, list[str]
     rows, status = [], []
     for e in encode_pairs(tokenizer, messages_list, max_len):
         status.append(e.status)
-        rows.append((e.prompt_ids + e.answer_ids, [IGNORE] * len(e.prompt_ids) + e.answer_ids)
+        rows.append((e.prompt_ids + e.answer_ids, [IGNORE_INDEX] * len(e.prompt_ids) + e.answer_ids)
                     if e.status == STATUS_OK else None)
     return rows, status
 
@@ -258,7 +258,7 @@ def encode_rows(tokenizer, messages_list, max_len: int) -> tuple[list, list[str]
 def _collate(rows: Sequence[tuple[list, list]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (ids [B, T], labels [B, T] with −100 on padding, attention_mask [B, T])."""
     ids, mask = pad_right([r[0] for r in rows], pad_id)
-    labels, _ = pad_right([r[1] for r in rows], IGNORE)
+    labels, _ = pad_right([r[1] for r in rows], IGNORE_INDEX)
     return ids, labels, mask
 
 
@@ -276,7 +276,7 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         [B] fp32.
     """
     tgt = labels[:, 1:]  # [B, T-1]
-    keep = tgt != IGNORE
+    keep = tgt != IGNORE_INDEX
     nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tgt.clamp_min(0), reduction="none")  # [B, T-1]
     return (nll * keep).sum(1) / keep.sum(1).clamp_min(1)
 
@@ -429,12 +429,12 @@ def less_warmup(model: torch.nn.Module, tokenizer, messages_list, out_dir: str |
             lr = s.lr * lr_factor(step, warm, total, "linear")
             for grp in opt.param_groups:
                 grp["lr"] = lr
-            n_tok = sum(sum(1 for y in r[1][1:] if y != IGNORE) for r in batch)
+            n_tok = sum(sum(1 for y in r[1][1:] if y != IGNORE_INDEX) for r in batch)
             t0, loss_sum = time.perf_counter(), 0.0
             for m0 in range(0, len(batch), s.micro_batch_size):
                 ids, labels, mask = (t.to(device) for t in _collate(batch[m0:m0 + s.micro_batch_size], pad_id))
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [b, T, V]
-                keep = (labels[:, 1:] != IGNORE).sum(1)
+                keep = (labels[:, 1:] != IGNORE_INDEX).sum(1)
                 # token mean over the whole batch (HF Trainer's loss), split over micro-batches
                 loss = (response_loss(logits, labels) * keep).sum().div(max(n_tok, 1))
                 loss.backward()

@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from effsft.corpus.tokenize import empty_prompt_ids, encode_chats
+from effsft.corpus.tokenize import IGNORE_INDEX, empty_prompt_ids, encode_chats
 from effsft.models.packing import length_sorted_batches
 from effsft.models.parts import decoder_and_head
 
@@ -150,7 +150,7 @@ def _mean_nll_batched(
 
     n = len(pairs)
     ce, ent, cnt = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, np.int64)
-    rows = [(list(p) + list(a), [-100] * len(p) + list(a)) for p, a in pairs]
+    rows = [(list(p) + list(a), [IGNORE_INDEX] * len(p) + list(a)) for p, a in pairs]
     for idx, batch in batches(rows, pad_id, batch_size, max_tokens, packing):
         nll_s, ent_s, k = row_token_stats(model, batch, len(idx), chunk_size)
         ce[idx] = (nll_s / k).numpy()

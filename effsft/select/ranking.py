@@ -248,7 +248,7 @@ def km_quotas(
     budget: int,
     capacity: Sequence[int] | np.ndarray | None = None,
 ) -> np.ndarray:
-    """Per-cluster quotas for km_quality / km_length (arXiv 2410.09335 §3; spec §2).
+    """Per-cluster quotas for km_quality / km_length (arXiv 2410.09335 §3; docs/algorithms/data_selection.md §2).
 
     q_c = floor(B·n_c/n) plus largest-remainder leftovers (ties to the lower cluster id).
     If a cluster cannot fill its quota (``capacity`` = its eligible rows, e.g. rows whose

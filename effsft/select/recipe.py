@@ -102,7 +102,7 @@ class LessLoraSection(Strict):
 
 
 class LessSection(Strict):
-    """LESS (spec §2.2): warm-up on a seeded slice, then gradient features per checkpoint."""
+    """LESS (docs/algorithms/data_selection.md §2.2): warm-up on a seeded slice, then gradient features per checkpoint."""
 
     warmup_fraction: float = Field(0.05, gt=0, le=1)  # of the usable rows, the smallest r(id)
     epochs: int = Field(4, ge=1)                      # one checkpoint per epoch
@@ -169,10 +169,11 @@ class SelectConfig(Strict):
 # ---------------------------------------------------------------------------------- stage 1
 def prepare(cfg: SelectConfig, cache: Path, timings: dict) -> tuple[Path, dict, str]:
     """Canonical shards of the input, cached by the input fingerprint (reused across runs)."""
+    from effsft.corpus.normalize import NormalizeOptions
     from effsft.corpus.prepare import prepare_corpus
     from effsft.report.manifest import fingerprint, write_manifest
 
-    opts = cfg.input.normalize_options()
+    opts = NormalizeOptions.of(cfg.input)
     with timed(timings, "fingerprint"):
         fp = fingerprint(cfg.input.path, options=(opts, cfg.input.split, cfg.input.shard_rows))
     out = OutputDir(cache / f"corpus-{fp[:16]}", overwrite=True, wait=True)  # shared cache: wait
@@ -290,7 +291,7 @@ def less_warmup(cfg: SelectConfig, cache: Path, shards: list[Path], ranks: np.nd
     """LESS warm-up + target features in one Ray task, cached under ``cache/less-<key>/``.
 
     Warm-up rows: the ``warmup_fraction`` of usable rows with the smallest r(id); holdout
-    target: the next ``target_rows`` (spec §2.2 steps 1 and 3). Returns the warm-up info
+    target: the next ``target_rows`` (docs/algorithms/data_selection.md §2.2 steps 1 and 3). Returns the warm-up info
     (checkpoints, mean lrs, projector checksum, subtasks) and the pool indices of the holdout
     rows (empty for a target corpus), which are ineligible for selection.
     """

@@ -191,7 +191,7 @@ class EmbedScorer:
 class LessScorer:
     """LESS at one warm-up checkpoint: per row, the mean cosine of its Adam-preconditioned,
     projected LoRA gradient with each target subtask (``less_sub``, a list of S floats, NaN
-    when the row cannot be encoded). The driver combines checkpoints (spec §2.2)."""
+    when the row cannot be encoded). The driver combines checkpoints (docs/algorithms/data_selection.md §2.2)."""
 
     def __init__(self, model_path: str, checkpoint: str, lora_r: int, lora_alpha: float,
                  target_modules: list, proj_dim: int, proj_seed: int, projector_checksum: str,

@@ -9,7 +9,7 @@ The model is asked, with K rating prompts, to rate a (instruction, response) sam
                                  α = 0.2, population std;
 * model level   (Eq. 4):         S = Σ_n w_n · S_sent,n,  w_n = params_n / Σ params.
 
-Fixes vs the reference (spec §2.1): digit ids come from the tokenizer and must be single
+Fixes vs the reference (docs/algorithms/data_selection.md §2.1): digit ids come from the tokenizer and must be single
 tokens; L and K are separate; model weights are normalised; prompts over the token limit
 lose their *earliest* turn pairs (not the tail with the rated answer); a failing row is
 nulled alone instead of silently shifting every later group.

@@ -1,6 +1,6 @@
 """ZIP: entropy-law data selection by compression ratio (Yin et al. 2024, github.com/USTC-StarTeam/ZIP).
 
-Definitions (spec §2.4):
+Definitions (docs/algorithms/data_selection.md §2.4):
 
 * C(D) = |ser(D)| / |zlib₉(ser(D))|; lower = less redundant.
 * ser(list) = prefix + sep.join(ser(row)) + suffix. ``ser="reference"`` renders each row as

@@ -1,7 +1,7 @@
 """Q-Tuning sample and token pruning on the error-uncertainty (EU) plane (pure, CPU, float64).
 
 Paper: "Winning the Pruning Gamble", arXiv:2509.23873 (Q-Tuning). Behaviour follows the authors'
-released trainer (``plug == "wisely"``) as written down in ``specs/qtuning.md`` §2, plus the effsft
+released trainer (``plug == "wisely"``) as written down in ``docs/algorithms/qtuning.md`` §2, plus the effsft
 options of §3 (response-only entropy, per-sample token budget, baselines, global score scope).
 
 Every sample of a micro-batch gets ``PPL_s = exp(mean response NLL)`` and ``Ent_s`` (mean predictive
@@ -17,7 +17,7 @@ The selection is split so that the data-parallel ``global`` score scope is trivi
 3. every rank runs the same :func:`eu_select` on the concatenation and keeps its own rows
    (:func:`split_rows`). With a shared ``seed`` the random baselines agree as well.
 
-:func:`eu_prune` is the one-call local entry point on torch tensors (DESIGN.md public API).
+:func:`eu_prune` is the one-call local entry point on torch tensors (the public one-call API).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def sample_stats(
     nonpad_mask: torch.Tensor | np.ndarray | None = None,
     entropy_scope: Literal["response", "all"] = "response",
 ) -> SampleStats:
-    """Per-sample PPL and entropy (spec §2.1), in float64.
+    """Per-sample PPL and entropy (docs/algorithms/qtuning.md §2.1), in float64.
 
     Args:
         token_nll: ``[B, T]`` label-aligned NLL.
@@ -135,7 +135,7 @@ def sample_stats(
 
 @dataclass(frozen=True)
 class Corners:
-    """Result of the corner-quantile bisection (spec §2.3), thresholds of the last iterate."""
+    """Result of the corner-quantile bisection (docs/algorithms/qtuning.md §2.3), thresholds of the last iterate."""
 
     a: float
     p_lo: float
@@ -322,7 +322,7 @@ def token_scores(
     lam: float = 0.5,
     neighbor_div2: bool = False,
 ) -> np.ndarray:
-    """Neighbour-smoothed token PPL ``s_t`` (spec §2.5), float64 ``[B, T]``.
+    """Neighbour-smoothed token PPL ``s_t`` (docs/algorithms/qtuning.md §2.5), float64 ``[B, T]``.
 
     ``τ_t = exp(ℓ_t)`` on response positions, 1 on other non-pad positions (prompt: ℓ = 0), 0 on
     padding and outside the row; ``s_t = (1-λ) τ_t + λ (τ_{t-1} + τ_{t+1})`` (the sum is halved

@@ -1,6 +1,6 @@
 """One Q-Tuning training-step loss for a plain HF causal LM (Llama / Qwen2 families), no Ray.
 
-Two modes (spec §3.3), which select the same samples and tokens for the same model state:
+Two modes (docs/algorithms/qtuning.md §3.3), which select the same samples and tokens for the same model state:
 
 * ``mask`` (the authors' way, ≈ 3F(B)): one forward with grad over the whole micro-batch; the
   selection runs on detached statistics of that forward and becomes a loss mask.
@@ -25,6 +25,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from effsft.corpus.tokenize import IGNORE_INDEX
 from effsft.models.parts import decoder_and_head
 from effsft.models.packing import RowBatch
 from effsft.sft.qtuning import (
@@ -56,7 +57,7 @@ TWO_PASS_BREAK_EVEN = 0.6  # F(B) + 3F(kB) < 3F(B) needs k < 2/3; warn a bit ear
 
 @dataclass(frozen=True)
 class QTuningConfig:
-    """The ``qtuning.*`` keys of the sft recipe (spec §3.1); defaults are the spec's."""
+    """The ``qtuning.*`` keys of the sft recipe (docs/algorithms/qtuning.md §3.1); defaults are the spec's."""
 
     method: str = "off"
     sample_ratio: float = 0.25
@@ -162,7 +163,7 @@ def _two_pass_step(model, batch, cfg, step, chunk_tokens, all_gather, rank):
     n_cols = int(sub.labels.shape[1])
     sub_keep = keep_token[rows, :n_cols]  # [k, Tc]
     sub_resp = masks[0][rows, :n_cols]
-    sub_labels = sub.labels.masked_fill(~sub_keep, -100)  # token mask applied to labels
+    sub_labels = sub.labels.masked_fill(~sub_keep, IGNORE_INDEX)  # token mask applied to labels
     hidden = sub.hidden(decoder)  # pass 2, with grad
     sub_stats = token_stats_from_hidden(hidden, weight, sub_labels, sub_keep & sub_resp, with_entropy=False, chunk_tokens=chunk_tokens)
     loss, num, den_used = hidden_sft_loss(

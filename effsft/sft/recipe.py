@@ -11,7 +11,7 @@ Features (each a config key):
 * checkpoint / resume: every ``train.checkpoint_every`` steps; a failed worker group restarts
   from the last checkpoint (``train.max_failures``); re-running the same command after a crash
   resumes from ``<output>.partial/``.
-* Q-Tuning (``qtuning.*``, spec qtuning.md §3.1): ``method: off`` is plain SFT.
+* Q-Tuning (``qtuning.*``, spec docs/algorithms/qtuning.md §3.1): ``method: off`` is plain SFT.
 * ``fault.kill_rank_at_step`` kills one worker once (tests).
 
 Output: ``model/`` (HF directory, safetensors, tokenizer), ``metrics.jsonl`` (one line per
@@ -34,7 +34,7 @@ log = logging.getLogger("effsft.sft")
 
 
 class QTuningSpec(Strict):
-    """``qtuning.*``: exactly the keys of qtuning.md §3.1 (defaults are the spec's)."""
+    """``qtuning.*``: exactly the keys of docs/algorithms/qtuning.md §3.1 (defaults are the spec's)."""
 
     method: Literal["off", "qtuning", "random_sample", "ppl_only", "entropy_only",
                     "random_token"] = "off"
@@ -74,9 +74,10 @@ class SFTConfig(TrainJobConfig):
 # ---- stages --------------------------------------------------------------------------------
 
 def _data(cfg: SFTConfig, work):
+    from effsft.corpus.normalize import NormalizeOptions
     from effsft.train.data import tokenised_dataset
 
-    return tokenised_dataset(worker_path(cfg.data.path), cfg.data.normalize_options(), worker_path(cfg.model.path),
+    return tokenised_dataset(worker_path(cfg.data.path), NormalizeOptions.of(cfg.data), worker_path(cfg.model.path),
                              cfg.tokenize.max_len, cfg.tokenize.train_on, cfg.tokenize.truncation,
                              split=cfg.data.split, trust_remote_code=cfg.model.trust_remote_code,
                              rejects_path=work / "rejects.parquet", template=cfg.model.template)

@@ -23,7 +23,8 @@ from typing import Literal
 
 import torch
 
-IGNORE_INDEX = -100
+from effsft.corpus.tokenize import IGNORE_INDEX
+
 DEFAULT_CHUNK_TOKENS = 1024
 
 LossNorm = Literal["kept_response_tokens", "paper"]

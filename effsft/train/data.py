@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from effsft.corpus.rejects import RejectsWriter, split_source
-from effsft.corpus.tokenize import Encoded, collate, encode_chat
+from effsft.corpus.tokenize import IGNORE_INDEX, Encoded, collate, encode_chat
 
 log = logging.getLogger("effsft.train")
 
@@ -224,7 +224,7 @@ def plan_summary(lengths: np.ndarray, batching: Batching, padded_batch: int) -> 
 
 
 def _encoded(ids: np.ndarray, labels: np.ndarray) -> Encoded:
-    return Encoded(ids.tolist(), labels.tolist(), 0, int((labels != -100).sum()))
+    return Encoded(ids.tolist(), labels.tolist(), 0, int((labels != IGNORE_INDEX).sum()))
 
 
 def micro_batches(shard, batching: Batching | int, pad_id: int, *, start_epoch: int = 0,

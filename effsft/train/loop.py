@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
 
+from effsft.corpus.tokenize import IGNORE_INDEX
 from effsft.runtime import worker_path
 from effsft.train.config import FaultSpec, LoraSpec, TrainSpec
 from effsft.train.data import Batching
@@ -172,7 +173,7 @@ def _token_counts(batch: dict) -> tuple[int, int]:
     """(tokens, response tokens) of a micro-batch: from the collated masks, or the counts a
     step source put in the batch."""
     if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum()), int((batch["labels"][:, 1:] != -100).sum())
+        return int(batch["attention_mask"].sum()), int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     return int(batch.get("num_tokens", 0)), int(batch.get("num_response_tokens", 0))
 
 

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from effsft.corpus.normalize import NormalizeOptions
 from effsft.corpus.prepare import AccountingError, CorpusCounts, prepare_corpus, shard_paths
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -171,5 +172,5 @@ def test_s3_corpus_rejects_fingerprint_config_and_train_source(synth_corpus, tmp
     with pytest.raises(ConfigError, match=r"output: .*atomic rename"):
         build_config(PrepareConfig, {"input": {"path": uri}, "output": "s3://corpus/out"})
     # A prepared corpus uploaded to S3 is a training source read as is (its canonical shards).
-    ds = source_dataset(s3_server.upload(tmp_path / "prepared", "prepared"), cfg.input.normalize_options())
+    ds = source_dataset(s3_server.upload(tmp_path / "prepared", "prepared"), NormalizeOptions.of(cfg.input))
     assert ds.count() == res["rows_ok"] and "reject_reason" not in ds.schema().names

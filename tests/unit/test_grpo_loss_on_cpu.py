@@ -1,4 +1,4 @@
-"""GRPO advantages and loss: spec §5 hand-computed values, zero advantages, TRL cross-checks."""
+"""GRPO advantages and loss: docs/algorithms/prefix_grouper_grpo.md §5 hand-computed values, zero advantages, TRL cross-checks."""
 
 import math
 import statistics

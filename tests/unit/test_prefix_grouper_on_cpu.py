@@ -1,4 +1,4 @@
-"""Prefix-grouped forward == repeated forward (spec §2 exactness, §5.3, §5.5) on tiny random models."""
+"""Prefix-grouped forward == repeated forward (docs/algorithms/prefix_grouper_grpo.md §2 exactness, §5.3, §5.5) on tiny random models."""
 
 import pytest
 import torch
@@ -316,7 +316,7 @@ def test_cross_check_prefix_grouper_split_output():
 
 
 def test_theoretical_ratios_table():
-    # spec §1 table (r = Lp / Lr)
+    # docs/algorithms/prefix_grouper_grpo.md §1 table (r = Lp / Lr)
     for G, r, pw, att in [(4, 1, 0.625, 0.812), (8, 4, 0.300, 0.440), (16, 16, 0.118, 0.170)]:
         t = theoretical_ratios(G, r * 10, 10)
         assert t["pointwise"] == pytest.approx(pw, abs=6e-4) and t["attention"] == pytest.approx(att, abs=6e-4)

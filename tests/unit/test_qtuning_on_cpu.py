@@ -1,4 +1,4 @@
-"""Q-Tuning selection (spec §4) against hand-derived sets and independent naive loops."""
+"""Q-Tuning selection (docs/algorithms/qtuning.md §4) against hand-derived sets and independent naive loops."""
 
 import math
 import threading

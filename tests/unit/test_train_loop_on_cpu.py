@@ -119,7 +119,7 @@ def test_sft_loss_hook_and_qtuning_wiring():
     plain = float(_naive_response_nll(model, batch)[0].detach())
     assert float(loss.detach()) == pytest.approx(plain, rel=1e-5)
     ctx = StepContext(0, 0, 1, 0, 1, torch.device("cpu"))
-    # Q-Tuning with both ratios 1 keeps everything: the plain SFT loss (spec §4.7)
+    # Q-Tuning with both ratios 1 keeps everything: the plain SFT loss (docs/algorithms/qtuning.md §4)
     full, info = SFTLoss(QTuningSpec(method="qtuning", sample_ratio=1.0, token_ratio=1.0),
                          chunk_tokens=4)(model, batch, ctx)
     assert float(full.detach()) == pytest.approx(plain, rel=1e-5)
