@@ -504,3 +504,21 @@ def test_log_scalars_and_plot(tmp_path):
         assert "qtuning/" + key in scalars, key
     path = plot_eu_plane(info, tmp_path / "qtuning" / "eu_plane_step0.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_step_that_keeps_no_response_token_warns_and_per_sample_keeps_some():
+    """Long prompts, short responses: the batch budget (prompt tokens in T_all) can drop every
+    response token of the token-pruned rows; the step warns, and per_sample keeps ceil(r_t n)."""
+    model = tiny_model()
+    B, T = 8, 20
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 96, (B, T), generator=g)
+    labels = ids.masked_fill(torch.arange(T)[None, :] < 16, -100)  # 16 prompt, 4 response tokens
+    batch = dict(input_ids=ids, attention_mask=torch.ones(B, T, dtype=torch.long), labels=labels)
+    cfg = QTuningConfig(method="entropy_only", sample_ratio=0.25, token_ratio=0.5)
+    with pytest.warns(UserWarning, match="kept no response token"):
+        _, info, _ = run_step(model, batch, cfg, "mask")
+    assert info["kept_response_tokens"] == 0 < info["total_response_tokens"]
+    per_sample = QTuningConfig(method="entropy_only", sample_ratio=0.25, token_ratio=0.5, token_budget="per_sample")
+    _, info2, _ = run_step(model, batch, per_sample, "mask")
+    assert info2["kept_response_tokens"] == int(info2["keep"].sum()) * 2  # ceil(0.5 * 4) per kept row
