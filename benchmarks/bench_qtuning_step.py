@@ -20,7 +20,8 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from effsft.sft.qtuning_loss import QTuningConfig, qtuning_step_loss
+from effsft.sft.qtuning_config import QTuningConfig
+from effsft.sft.qtuning_loss import qtuning_step_loss
 
 
 def make_batch(step: int, args: argparse.Namespace, device: torch.device) -> dict[str, torch.Tensor]:

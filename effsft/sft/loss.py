@@ -42,10 +42,10 @@ def qtuning_loss(model: torch.nn.Module, batch: dict, qtuning: Any, ctx: Any,
     ranks first. Rank 0 plots the EU plane every ``qtuning.plot_every`` steps.
     """
     from effsft.sft.qtuning import log_scalars
-    from effsft.sft.qtuning_loss import QTuningConfig, qtuning_step_loss
+    from effsft.sft.qtuning_config import QTuningConfig
+    from effsft.sft.qtuning_loss import qtuning_step_loss
 
-    fields = {k: v for k, v in qtuning.model_dump().items() if k in QTuningConfig.__dataclass_fields__}
-    cfg = QTuningConfig(**fields, seed=seed)
+    cfg = QTuningConfig(**qtuning.model_dump(), seed=seed)
     gather = ctx.all_gather if cfg.score_scope == "global" else None
     loss, info = qtuning_step_loss(model, batch, cfg, step=ctx.step, chunk_tokens=chunk_tokens,
                                    all_gather=gather, rank=ctx.rank)

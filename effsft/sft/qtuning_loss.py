@@ -20,7 +20,6 @@ the loss of the concatenated batch.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
@@ -53,25 +52,6 @@ AllGather = Callable[[Any], list]
 _NEEDS_NLL = ("qtuning", "ppl_only")
 _NEEDS_ENTROPY = ("qtuning", "entropy_only")
 TWO_PASS_BREAK_EVEN = 0.6  # F(B) + 3F(kB) < 3F(B) needs k < 2/3; warn a bit earlier (§3.3)
-
-
-@dataclass(frozen=True)
-class QTuningConfig:
-    """The ``qtuning.*`` keys of the sft recipe (docs/algorithms/qtuning.md §3.1); defaults are the spec's."""
-
-    method: str = "off"
-    sample_ratio: float = 0.25
-    token_ratio: float = 0.5
-    lam: float = 0.5
-    entropy_scope: str = "response"
-    token_budget: str = "batch"
-    loss_norm: str = "kept_response_tokens"
-    neighbor_div2: bool = False
-    score_scope: str = "local"
-    mode: str = "mask"
-    plot_every: int = 500
-    baseline_order: str = "default"
-    seed: int = 0
 
 
 def _score(

@@ -22,39 +22,15 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import model_validator
 
-from effsft.config import ConfigError, CorpusSpec, Strict, TokenizeSpec, to_dict
+from effsft.config import ConfigError, CorpusSpec, TokenizeSpec, to_dict
 from effsft.runtime import OutputDir, init_ray, timed, worker_path
+from effsft.sft.qtuning_config import QTuningSpec
 from effsft.train.config import LoraSpec, TrainJobConfig, check_train_lora
 
 log = logging.getLogger("effsft.sft")
-
-
-class QTuningSpec(Strict):
-    """``qtuning.*``: exactly the keys of docs/algorithms/qtuning.md §3.1 (defaults are the spec's)."""
-
-    method: Literal["off", "qtuning", "random_sample", "ppl_only", "entropy_only",
-                    "random_token"] = "off"
-    sample_ratio: float = Field(0.25, gt=0, le=1)
-    token_ratio: float = Field(0.5, gt=0, le=1)
-    lam: float = Field(0.5, ge=0, le=1)
-    entropy_scope: Literal["response", "all"] = "response"
-    token_budget: Literal["batch", "per_sample"] = "batch"
-    loss_norm: Literal["kept_response_tokens", "paper"] = "kept_response_tokens"
-    neighbor_div2: bool = False
-    score_scope: Literal["local", "global"] = "local"
-    mode: Literal["mask", "two_pass"] = "mask"
-    plot_every: int = Field(500, ge=1)
-    baseline_order: Literal["default", "reverse"] = "default"
-
-    @field_validator("method", mode="before")
-    @classmethod
-    def _yaml_off(cls, v):
-        # YAML 1.1 reads a bare `off` as False: `method: off` must still mean "off".
-        return "off" if v is False else v
 
 
 class SFTConfig(TrainJobConfig):

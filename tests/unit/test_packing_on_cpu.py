@@ -153,7 +153,8 @@ def test_sft_loss_packed_equals_padded():
 @pytest.mark.parametrize("mode", ["mask", "two_pass"])
 @pytest.mark.parametrize("method", ["qtuning", "ppl_only", "random_sample"])
 def test_qtuning_selects_and_trains_the_same_on_packed_batches(mode, method):
-    from effsft.sft.qtuning_loss import QTuningConfig, qtuning_step_loss
+    from effsft.sft.qtuning_config import QTuningConfig
+    from effsft.sft.qtuning_loss import qtuning_step_loss
 
     rows = _rows(6, n=8)
     model = _model()

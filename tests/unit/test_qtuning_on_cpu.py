@@ -21,7 +21,8 @@ from effsft.sft.qtuning import (
     split_rows,
     token_scores,
 )
-from effsft.sft.qtuning_loss import QTuningConfig, qtuning_step_loss
+from effsft.sft.qtuning_config import QTuningConfig
+from effsft.sft.qtuning_loss import qtuning_step_loss
 from effsft.sft.token_stats import label_masks
 
 # ---------------------------------------------------------------------------------------------
