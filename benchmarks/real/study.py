@@ -58,7 +58,7 @@ SIZES = {
     # on 2 cores (measured), ~35 min for the 1000-row pool; the select rows record it as skipped.
     "default": dict(less=False, eval_rows=24, sft_steps=24, mbs=8, seeds=(0, 1, 2), pool_rows=1000, budget=0.1,
                     grpo_steps=5, prune_calib=16, prune_seqlen=128, prune_windows=16, max_new_tokens=48,
-                    prune_em_at=(0.7,)),  # EM of the pruned models at 70 % (ppl at every sparsity)
+                    prune_em_at=(0.5, 0.7)),  # EM of the pruned models at 50 and 70 % (ppl at every sparsity)
     # a few minutes: checks the study's plumbing end to end (written beside, never committed)
     "smoke": dict(less=False, eval_rows=3, sft_steps=2, mbs=4, seeds=(0,), pool_rows=240, budget=0.1,
                   grpo_steps=1, prune_calib=2, prune_seqlen=32, prune_windows=2, max_new_tokens=8),
@@ -305,7 +305,7 @@ def summarise(study: dict) -> str:
           "| arm | EM | seeds | median step s |", "|---|---|---|---|"]
     for arm, v in sft.items():
         st = statistics.median(r["step_time_s"] for r in study["sft"] if r["arm"] == arm and r["step_time_s"])
-        L.append(f"| {arm} | {statistics.mean(v):.3f} ± {statistics.pstdev(v):.3f} | {len(v)} | {st:.2f} |")
+        L.append(f"| {arm} | {statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.3f} | {len(v)} | {st:.2f} |")
     L += ["", "## Selection (10 % of a noisy pool, then the same SFT; Table-1 style)", "",
           "| method | EM (mean over tasks) | noise frac | dup frac |", "|---|---|---|---|"]
     for r in study.get("select", []):
@@ -344,7 +344,7 @@ def plots(study: dict) -> None:
             sft.setdefault(r["arm"], []).append(r["em"])
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names = list(sft)
-    ax.bar(names, [statistics.mean(sft[n]) for n in names], yerr=[statistics.pstdev(sft[n]) for n in names], capsize=4)
+    ax.bar(names, [statistics.mean(sft[n]) for n in names], yerr=[statistics.stdev(sft[n]) if len(sft[n]) > 1 else 0.0 for n in names], capsize=4)
     ax.set_ylabel("exact match (mean over tasks)")
     ax.set_title("SFT arms, 3 seeds")
     plt.xticks(rotation=30, ha="right")
