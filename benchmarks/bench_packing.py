@@ -110,7 +110,7 @@ def plain_loop(model_dir, rows, a, ppm: int, threads: int) -> dict:
     times, tokens = [], []
     for b in batches:
         t0 = time.perf_counter()
-        loss = model(input_ids=b["input_ids"], position_ids=b["position_ids"], labels=b["labels"]).loss
+        loss = model(input_ids=b["input_ids"], position_ids=b["position_ids"], labels=b["labels"], use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

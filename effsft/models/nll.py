@@ -76,7 +76,7 @@ def response_nll(model: torch.nn.Module, batch: dict, chunk_tokens: int = 1024
         ``[B, T, H]`` and the number of targets.
     """
     decoder, head = decoder_and_head(model)
-    hidden = decoder(**model_inputs(batch), use_cache=False).last_hidden_state  # [B, T, H]
+    hidden = decoder(**model_inputs(batch)).last_hidden_state  # [B, T, H]
     targets = batch["labels"][:, 1:]   # [B, T-1]
     mask = targets != IGNORE_INDEX     # [B, T-1]
     rows = hidden[:, :-1][mask]        # [N, H]

@@ -152,11 +152,15 @@ def model_inputs(batch: dict) -> dict:
     """Keyword arguments of the model's forward for a padded or a packed batch.
 
     Packed batches (``position_ids`` present) go without an attention mask, so transformers
-    builds the per-segment mask from the position ids; padded ones pass their mask.
+    builds the per-segment mask from the position ids; padded ones pass their mask. Always
+    ``use_cache=False``: transformers looks for packed segments only when there is no KV cache,
+    and an eval-mode model with ``config.use_cache`` (the default) makes one, so a packed forward
+    without it lets every row attend to the rows before it in its pack.
     """
     if "position_ids" in batch:
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": None}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": None,
+                "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
 
 
 def row_layout(segment: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,7 +222,7 @@ class RowBatch:
 
     def hidden(self, decoder: torch.nn.Module) -> torch.Tensor:
         """Final hidden states of the rows, ``[B, T, H]`` (packed: computed packed, then laid out)."""
-        h = decoder(**model_inputs(self.batch), use_cache=False).last_hidden_state
+        h = decoder(**model_inputs(self.batch)).last_hidden_state
         return to_rows(h, self.index, self.attention_mask.bool()) if self.packed else h
 
     def subset(self, rows: torch.Tensor) -> "RowBatch":

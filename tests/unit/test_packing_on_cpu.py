@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from effsft.corpus.tokenize import Encoded, collate
+from effsft.corpus.tokenize import IGNORE_INDEX, Encoded, collate
 from effsft.sft.loss import SFTLoss, sft_loss
 from effsft.models.packing import RowBatch, pack_rows, plan_packs, plan_stats, row_layout, to_rows
 
@@ -247,3 +247,30 @@ def test_select_scores_and_eval_perplexity_are_the_same_packed():
     assert (a["n_tokens"] == b["n_tokens"]).all()
     pa, pb = perplexity(model, tok, convs, batch_size=3), perplexity(model, tok, convs, batch_size=3, packing=True)
     assert pa["tokens"] == pb["tokens"] and pb["ppl"] == pytest.approx(pa["ppl"], rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_packed_scoring_does_not_leak_across_rows_of_a_pack(family):
+    """Rows of very different lengths share packs; an eval-mode model with ``config.use_cache``
+    (the default) must still score each row as if alone (transformers skips its packed-segment
+    mask when a KV cache exists, so the packed forward must not make one)."""
+    from effsft.models.nll import row_token_stats
+    from effsft.models.packing import batches
+
+    model = _model(family)
+    assert model.config.use_cache and not model.training
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for n in [40, 6, 9, 33, 5, 12, 7, 38, 4, 10]:
+        ids = torch.randint(3, V, (n,), generator=g).tolist()
+        rows.append((ids, [IGNORE_INDEX] * (n // 3) + ids[n // 3:]))
+    alone = [row_token_stats(model, {"input_ids": torch.tensor([x]), "labels": torch.tensor([y]),
+                                     "attention_mask": torch.ones(1, len(x), dtype=torch.long)}, 1)[0].item()
+             for x, y in rows]
+    shared = 0
+    for idx, batch in batches(rows, 0, 4, packing=True):
+        nll, _, _ = row_token_stats(model, batch, len(idx))
+        shared += int((batch["position_ids"] == 0).sum() - batch["input_ids"].shape[0] > 0)
+        for j, i in enumerate(idx):
+            assert nll[j].item() == pytest.approx(alone[i], rel=1e-5), (i, nll[j].item(), alone[i])
+    assert shared, "no pack held two rows: the test would not see a leak"
