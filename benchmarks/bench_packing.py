@@ -5,7 +5,7 @@
    user would write with the same cores: HF ``model(**batch).loss`` + ``torch.optim.AdamW`` over
    the same packed micro-batches (position ids restarting per row, as effsft feeds them);
 3. effsft packed vs TRL's ``SFTTrainer`` with ``packing=True`` (``packing_strategy="bfd"``) and
-   ``padding_free=True``, on the same pre-tokenised rows (the same token ids and labels), the same
+   ``padding_free=True``, and (3b) vs TRL with padded batches of ``mbs`` rows, on the same pre-tokenised rows (the same token ids and labels), the same
    pack length, packs per step, optimizer (AdamW, same lr) and threads;
 4. Q-Tuning ``two_pass`` at 25 % samples x 50 % tokens vs plain SFT, step time (packed);
 5. select's LM scoring rows/s on packed batches vs today's length-sorted padded batches.
@@ -120,8 +120,10 @@ def plain_loop(model_dir, rows, a, ppm: int, threads: int) -> dict:
     return {"tokens_per_s": sum(tokens[1:]) / sum(times[1:]), "median_step_s": statistics.median(times[1:])}
 
 
-def trl_sft(model_dir, rows, a, ppm: int, threads: int, out: Path) -> dict:
-    """TRL SFTTrainer, packing bfd + padding_free, on effsft's token ids and labels."""
+def trl_sft(model_dir, rows, a, ppm: int, threads: int, out: Path, packed: bool = True) -> dict:
+    """TRL SFTTrainer on effsft's token ids and labels: packing bfd + padding_free (``packed``), or
+    padded batches of ``mbs`` rows (what TRL does on a CPU without FlashAttention done right:
+    its padding-free path attends over the whole flattened batch there)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -141,17 +143,20 @@ def trl_sft(model_dir, rows, a, ppm: int, threads: int, out: Path) -> dict:
         def on_step_end(self, *args, **kw):
             times.append(time.perf_counter() - self.t0)
 
-    cfg = SFTConfig(output_dir=str(out), max_steps=a.steps, per_device_train_batch_size=ppm, learning_rate=1e-4,
-                    lr_scheduler_type="constant", packing=True, packing_strategy="bfd", padding_free=True,
+    layout = (dict(per_device_train_batch_size=ppm, packing=True, packing_strategy="bfd", padding_free=True)
+              if packed else dict(per_device_train_batch_size=a.mbs, packing=False, padding_free=False))
+    cfg = SFTConfig(output_dir=str(out), max_steps=a.steps, learning_rate=1e-4, **layout,
+                    lr_scheduler_type="constant",
                     max_length=a.max_len, use_cpu=True, report_to=[], save_strategy="no", logging_steps=10**6,
                     dataloader_num_workers=0, max_grad_norm=1.0, optim="adamw_torch", seed=0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
-    packed = trainer.train_dataset
-    mean_pack = sum(len(x) for x in packed["input_ids"]) / len(packed)
+    data = trainer.train_dataset
+    mean_len = sum(len(x) for x in data["input_ids"]) / len(data)  # a pack, or a row (real tokens)
     trainer.train()
-    return {"tokens_per_s": mean_pack * ppm * (len(times) - 1) / sum(times[1:]),
-            "median_step_s": statistics.median(times[1:]), "packs": len(packed)}
+    per_step = mean_len * (ppm if packed else a.mbs)
+    return {"tokens_per_s": per_step * (len(times) - 1) / sum(times[1:]),
+            "median_step_s": statistics.median(times[1:]), "rows_or_packs": len(data)}
 
 
 def scoring(model_dir, data, a, threads: int) -> dict:
@@ -182,7 +187,7 @@ def main() -> None:
     ap.add_argument("--mbs", type=int, default=8)
     ap.add_argument("--max_len", type=int, default=512)
     ap.add_argument("--score_rows", type=int, default=256)
-    ap.add_argument("--only", nargs="*", default=["padded", "packed", "plain", "trl", "qtuning", "score"])
+    ap.add_argument("--only", nargs="*", default=["padded", "packed", "plain", "trl", "trl_padded", "qtuning", "score"])
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -203,6 +208,8 @@ def main() -> None:
             res["plain_loop"] = plain_loop(model, rows, a, ppm, threads)
         if "trl" in a.only:
             res["trl"] = trl_sft(model, rows, a, ppm, threads, tmp / "trl")
+        if "trl_padded" in a.only:
+            res["trl_padded"] = trl_sft(model, rows, a, ppm, threads, tmp / "trl_padded", packed=False)
         if "qtuning" in a.only:
             res["qtuning_two_pass"] = effsft_sft(model, data, tmp / "qt", a, packing="bfd", qtuning={
                 "method": "qtuning", "sample_ratio": 0.25, "token_ratio": 0.5, "mode": "two_pass"})
@@ -218,6 +225,10 @@ def main() -> None:
         lines.append(f"2. effsft default / plain HF loop tokens/s: {r['effsft_packed']['tokens_per_s'] / r['plain_loop']['tokens_per_s']:.2f}x (goal >= 0.9)")
     if "trl" in r and "effsft_packed" in r:
         lines.append(f"3. effsft packed / TRL SFTTrainer tokens/s: {r['effsft_packed']['tokens_per_s'] / r['trl']['tokens_per_s']:.2f}x (goal >= 1.0)")
+    if "trl_padded" in r and "effsft_packed" in r:
+        lines.append(f"3b. effsft packed / TRL SFTTrainer padded:   {r['effsft_packed']['tokens_per_s'] / r['trl_padded']['tokens_per_s']:.2f}x"
+                     + (f" (effsft padded / TRL padded {r['effsft_padded']['tokens_per_s'] / r['trl_padded']['tokens_per_s']:.2f}x)"
+                        if "effsft_padded" in r else ""))
     if "qtuning_two_pass" in r:
         lines.append(f"4. Q-Tuning two_pass / plain step time:      {r['qtuning_two_pass']['median_step_s'] / r['effsft_packed']['median_step_s']:.2f}x (goal <= 0.6)")
     if "scoring" in r:
