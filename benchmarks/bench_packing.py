@@ -148,7 +148,11 @@ def trl_sft(model_dir, rows, a, ppm: int, threads: int, out: Path, packed: bool 
     cfg = SFTConfig(output_dir=str(out), max_steps=a.steps, learning_rate=1e-4, **layout,
                     lr_scheduler_type="constant",
                     max_length=a.max_len, use_cpu=True, report_to=[], save_strategy="no", logging_steps=10**6,
-                    dataloader_num_workers=0, max_grad_norm=1.0, optim="adamw_torch", seed=0)
+                    dataloader_num_workers=0, max_grad_norm=1.0, optim="adamw_torch", seed=0,
+                    # TRL's defaults are bf16 autocast and activation checkpointing: on a CPU
+                    # without bf16 matmul units that is ~25x slower; compare like for like (fp32,
+                    # no recomputation), as effsft and the plain loop run.
+                    bf16=False, gradient_checkpointing=False)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
     data = trainer.train_dataset
