@@ -27,15 +27,8 @@ import torch
 from effsft.corpus.tokenize import IGNORE_INDEX
 from effsft.models.parts import decoder_and_head
 from effsft.models.packing import RowBatch
-from effsft.sft.qtuning import (
-    SampleStats,
-    eu_select,
-    make_rng,
-    pad_concat,
-    sample_stats,
-    split_rows,
-    token_scores,
-)
+from effsft.sft.qtuning import eu_select, make_rng, pad_concat, split_rows
+from effsft.sft.qtuning_scores import SampleStats, sample_stats, token_scores
 from effsft.sft.token_stats import (
     DEFAULT_CHUNK_TOKENS,
     TokenStats,

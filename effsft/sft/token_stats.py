@@ -98,15 +98,15 @@ def _prediction_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _stats_from_rows(
     row_logits_fn,
     n_rows: int,
-    targets: torch.Tensor,
+    labels: torch.Tensor,
     b_idx: torch.Tensor,
     t_idx: torch.Tensor,
-    shape: tuple[int, int],
     chunk_tokens: int,
     with_entropy: bool,
     device: torch.device,
 ) -> TokenStats:
-    """Run ``row_logits_fn(start, end) -> [n, V]`` chunk by chunk and scatter into ``[B, T]``."""
+    """Run ``row_logits_fn(start, end) -> [n, V]`` chunk by chunk and scatter into ``labels``' ``[B, T]``."""
+    targets, shape = labels[b_idx, t_idx], tuple(labels.shape)
     nll = torch.zeros(shape, dtype=torch.float32, device=device)
     entropy = torch.zeros(shape, dtype=torch.float32, device=device)
     for start in range(0, n_rows, chunk_tokens):
@@ -147,14 +147,7 @@ def token_stats_from_hidden(
     weight = lm_head_weight.detach()
     return _stats_from_rows(
         lambda s, e: rows[s:e] @ weight.T,  # [n, V]
-        rows.shape[0],
-        labels[b_idx, t_idx],
-        b_idx,
-        t_idx,
-        tuple(labels.shape),
-        chunk_tokens,
-        with_entropy,
-        hidden.device,
+        rows.shape[0], labels, b_idx, t_idx, chunk_tokens, with_entropy, hidden.device,
     )
 
 
@@ -181,14 +174,7 @@ def token_stats_from_logits(
     logits = logits.detach()
     return _stats_from_rows(
         lambda s, e: logits[b_idx[s:e], t_idx[s:e] - 1],  # [n, V]
-        b_idx.numel(),
-        labels[b_idx, t_idx],
-        b_idx,
-        t_idx,
-        tuple(labels.shape),
-        chunk_tokens,
-        with_entropy,
-        logits.device,
+        b_idx.numel(), labels, b_idx, t_idx, chunk_tokens, with_entropy, logits.device,
     )
 
 

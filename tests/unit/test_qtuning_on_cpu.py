@@ -9,18 +9,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from effsft.sft.eu_plot import plot_eu_plane
-from effsft.sft.qtuning import (
-    SampleStats,
-    eu_prune,
-    eu_select,
-    keep_count,
-    log_scalars,
-    make_rng,
-    pad_concat,
-    sample_stats,
-    split_rows,
-    token_scores,
-)
+from effsft.sft.qtuning import eu_prune, eu_select, log_scalars, make_rng, pad_concat, split_rows
+from effsft.sft.qtuning_samples import keep_count
+from effsft.sft.qtuning_scores import SampleStats, sample_stats, token_scores
 from effsft.sft.qtuning_config import QTuningConfig
 from effsft.sft.qtuning_loss import qtuning_step_loss
 from effsft.sft.token_stats import label_masks
