@@ -7,7 +7,7 @@ import pytest
 from effsft.config import ConfigError, build_config
 from effsft.corpus.tokenize import render
 from effsft.grpo.config import GRPOConfig
-from effsft.grpo.recipe import read_prompts
+from effsft.grpo.prompts import read_prompts
 from effsft.models.loading import load_tokenizer
 
 
