@@ -42,11 +42,12 @@ from pathlib import Path
 from effsft.config import ConfigError, to_dict
 from effsft.grpo.config import GRPOConfig
 from effsft.grpo.prompts import read_prompts
+from effsft.grpo.report import train_tokens_per_s, write_grpo_report
 from effsft.grpo.source import GRPOSource
 from effsft.runtime import OutputDir, init_ray, timed, worker_path
 
 
-# ---- driver-side stages ---------------------------------------------------------------------
+# ---- config: what pydantic cannot check -----------------------------------------------------
 
 def check_rewards(cfg: GRPOConfig) -> None:
     """Resolve every reward function before any work (a bad import path is a config error)."""
@@ -58,6 +59,8 @@ def check_rewards(cfg: GRPOConfig) -> None:
         except ValueError as e:
             raise ConfigError(f"reward_funcs.{i}.fn: {e}") from None
 
+
+# ---- plan: steps and the forward ------------------------------------------------------------
 
 def total_steps(cfg: GRPOConfig, n_prompts: int) -> int:
     """``train.max_steps``, else ``epochs`` passes over the prompts (μ steps per rollout batch)."""
@@ -72,6 +75,8 @@ def use_grouping(cfg: GRPOConfig) -> bool:
         return cfg.prefix_grouping == "on"
     return (cfg.model.attn_implementation or "sdpa") in ("sdpa", "eager")
 
+
+# ---- run: actors, the loop, then the outputs (report, manifest, commit) ---------------------
 
 def start_actors(cfg: GRPOConfig) -> list:
     import ray
@@ -95,43 +100,6 @@ def _loop_spec(cfg: GRPOConfig, steps: int, work: Path, source: GRPOSource):
     loss = GRPOLoss(cfg.loss_type, cfg.epsilon, cfg.eps_high, cfg.beta, cfg.max_completion_length,
                     cfg.temperature, source.grouped)
     return LoopSpec.for_job(cfg, loss, steps, work, train=tr, step_source=source)
-
-
-def _train_tokens_per_s(r: dict) -> float:
-    """Tokens through the update passes per second of update time (rollout, rewards, shipping,
-    old/ref forwards and weight sync excluded)."""
-    dt = r["step_s"] - r.get("data_s", 0.0) - r.get("sync_s", 0.0)
-    return r["tokens"] / dt if dt > 0 else math.nan
-
-
-def _report(cfg: GRPOConfig, work: Path, rows: list[dict], counts: dict, summary: dict, sync: dict) -> None:
-    from effsft.report.plots import curve, md_table, write_report
-
-    steps = [r["step"] for r in rows]
-    mean = [r.get("reward_mean", math.nan) for r in rows]
-    std = [r.get("reward_std", math.nan) for r in rows]
-    curve(work / "reward.png", steps, {"mean reward": mean,
-                                       "mean + std": [m + s for m, s in zip(mean, std)],
-                                       "mean - std": [m - s for m, s in zip(mean, std)]},
-          "grpo reward per step", "step", "reward (weighted sum)")
-    curve(work / "loss.png", steps, {"loss": [r["loss"] for r in rows]}, "grpo loss", "step", "loss")
-    tr = cfg.train
-    setup = (f"{cfg.rollout.num_actors} rollout actors, {tr.num_workers} train workers (ZeRO-{tr.zero_stage}), "
-             f"{cfg.rollout.prompts_per_step} prompts x G={cfg.num_generations} per step, "
-             f"loss_type={cfg.loss_type}, scale_rewards={cfg.scale_rewards}, beta={cfg.beta}, "
-             f"mu={cfg.num_iterations}, prefix grouping {'on' if summary.get('prefix_grouping') else 'off'}, "
-             f"rewards {[(f.fn, f.weight) for f in cfg.reward_funcs]} ({cfg.reward.mode})")
-    cols = ["step", "loss", "reward_mean", "reward_std", "frac_zero_adv_groups", "completion_len_mean",
-            "clip_ratio/region", "kl", "rollout_tokens_per_s", "train_tokens_per_s"]
-    write_report(work / "report.md", f"grpo of {cfg.model.path}", [
-        ("Setup", setup),
-        ("Result", md_table([{k: summary.get(k) for k in ("steps", "final_loss", "resumed_from_step")}
-                             | {"first_reward": mean[0] if mean else None,
-                                "last_reward": mean[-1] if mean else None}])),
-        ("Weight sync", md_table([sync])),
-        ("Prompts", md_table([counts])),
-        ("Steps", md_table(rows[-20:], [c for c in cols if any(c in r for r in rows)]))],
-        images=[("Reward", "reward.png"), ("Loss", "loss.png")])
 
 
 def run_grpo(cfg: GRPOConfig) -> dict:
@@ -163,10 +131,10 @@ def run_grpo(cfg: GRPOConfig) -> dict:
             ray.kill(a)
     rows = read_metrics(work / METRICS_FILE)
     for r in rows:
-        r["train_tokens_per_s"] = _train_tokens_per_s(r)
+        r["train_tokens_per_s"] = train_tokens_per_s(r)
     sync = {"trainer_checksum": summary.get("weights_checksum"), "actors_in_sync":
             all(s == summary.get("weights_checksum") for s in rollout_sums), "actor_versions": versions}
-    _report(cfg, work, rows, counts, summary, sync)
+    write_grpo_report(cfg, work, rows, counts, summary, sync)
     inputs = {"model": describe_model(cfg.model),
               "data": {"path": cfg.data.path, "fingerprint": fingerprint(cfg.data.path)}}
     rewards = [r.get("reward_mean") for r in rows]
