@@ -36,7 +36,8 @@ def main() -> None:
 
     from effsft.config import build_config
     from effsft.corpus.synth import SynthSettings, write_synth
-    from effsft.grpo.recipe import GRPOConfig, run_grpo
+    from effsft.grpo.config import GRPOConfig
+    from effsft.grpo.recipe import run_grpo
     from effsft.models.tiny import write_tiny_model
     from effsft.runtime import init_ray
     from effsft.sft.recipe import SFTConfig, run_sft

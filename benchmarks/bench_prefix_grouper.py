@@ -23,7 +23,9 @@ import time
 import torch
 import transformers
 
+from effsft.grpo import attention as pga
 from effsft.grpo import prefix_grouper as pgm
+from effsft.grpo.group_plan import build_plan
 
 
 # ------------------------------------------------------------------ memory probes
@@ -88,7 +90,7 @@ def _pkg_attn_func(q, k, v, attn_mask, scale=None):
 
 def _pkg_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, pg_grouper=None, **kw):
     n_rep = query.shape[1] // key.shape[1]
-    key, value = pgm._repeat_kv(key, n_rep), pgm._repeat_kv(value, n_rep)
+    key, value = pga._repeat_kv(key, n_rep), pga._repeat_kv(value, n_rep)
     return pg_grouper.forward(_pkg_attn_func, query, key, value, scale=scaling), None
 
 
@@ -103,7 +105,7 @@ def _register_pkg():
 def pkg_logprobs(model, prompts, completions):
     from prefix_grouper import PrefixGrouper
 
-    plan = pgm.build_plan(prompts, completions)
+    plan = build_plan(prompts, completions)
     info = [[p.numel()] + [c.numel() for c in cs] for p, cs in zip(prompts, completions)]
     grouper = PrefixGrouper(info, device=plan.input_ids.device, padding_mode="right")
     original = model.config._attn_implementation

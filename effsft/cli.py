@@ -49,7 +49,7 @@ JOBS: dict[str, Job] = {
                    "eval_data": "prune.eval.data.path", "method": "prune.method",
                    "criterion": "prune.criterion", "sparsity": "prune.sparsity"},
                   help="DLP/OWL/uniform layerwise pruning (Wanda/SparseGPT/magnitude)"),
-    "grpo": Job("effsft.grpo.recipe:GRPOConfig", "effsft.grpo.recipe:run_grpo",
+    "grpo": Job("effsft.grpo.config:GRPOConfig", "effsft.grpo.recipe:run_grpo",
                 {"model": "model.path", "data": "data.path"},
                 help="GRPO: rollout actors + DeepSpeed on Ray Train, shared-prefix forward"),
     "demo": Job("effsft.demo:DemoConfig", "effsft.demo:run_demo",

@@ -113,7 +113,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from effsft.corpus.jobs import PrepareConfig, SynthConfig, run_prepare, run_synth
     from effsft.eval.recipe import EvalConfig, run_eval
     from effsft.models.jobs import TinyModelConfig, run_tiny_model
-    from effsft.grpo.recipe import GRPOConfig, run_grpo
+    from effsft.grpo.config import GRPOConfig
+    from effsft.grpo.recipe import run_grpo
     from effsft.prune.recipe import PruneConfig, demo_config, run_prune
     from effsft.select.recipe import SelectConfig, run_select
     from effsft.sft.recipe import SFTConfig, run_sft

@@ -6,7 +6,8 @@ import pytest
 
 from effsft.config import ConfigError, build_config
 from effsft.corpus.tokenize import render
-from effsft.grpo.recipe import GRPOConfig, read_prompts
+from effsft.grpo.config import GRPOConfig
+from effsft.grpo.prompts import read_prompts
 from effsft.models.loading import load_tokenizer
 
 
@@ -76,7 +77,7 @@ def test_bad_data_config_names_the_key(tiny_model_dir, tmp_path, keys, message):
 def test_prefix_grouping_on_off_survive_yaml(tmp_path):
     """``prefix_grouping=on`` on the command line (YAML reads a bare on/off as a boolean)."""
     from effsft.config import load_config
-    from effsft.grpo.recipe import GRPOConfig
+    from effsft.grpo.config import GRPOConfig
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"messages": [{"role": "user", "content": "hi"}], "answer": "1"}\n')

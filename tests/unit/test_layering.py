@@ -21,7 +21,7 @@ LAYER = {"storage": 0, "runtime": 0, "config": 0, "console": 0, "interrupts": 0,
          "select": 3, "sft": 3, "grpo": 3, "prune": 3, "eval": 3,
          "cli": 4, "demo": 4, "__main__": 4}
 RECIPES = {u for u, n in LAYER.items() if n == 3}
-PURE = ["grpo/loss.py", "grpo/prefix_grouper.py",
+PURE = ["grpo/loss.py", "grpo/prefix_grouper.py", "grpo/group_plan.py", "grpo/attention.py",
         "sft/qtuning.py", "sft/qtuning_scores.py", "sft/qtuning_samples.py", "sft/qtuning_loss.py", "sft/qtuning_config.py",
         "prune/criteria.py", "prune/allocate.py",
         "select/ranking.py", "select/zip.py", "select/kcenter.py"]

@@ -4,16 +4,10 @@ import pytest
 import torch
 import transformers
 
+from effsft.grpo.attention import grouped_attention, grouped_attention_mode
+from effsft.grpo.group_plan import build_plan
 from effsft.grpo.loss import grpo_loss, pad_logprobs
-from effsft.grpo.prefix_grouper import (
-    build_plan,
-    completion_logprobs,
-    cost_coefficients,
-    grouped_attention,
-    grouped_attention_mode,
-    split_padded,
-    theoretical_ratios,
-)
+from effsft.grpo.prefix_grouper import completion_logprobs, cost_coefficients, split_padded, theoretical_ratios
 
 V = 97
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
