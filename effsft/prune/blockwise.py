@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -447,7 +446,8 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, cfg: PruneSettings) -
     Args:
         model: HF causal LM, weights on the host (CPU); only one block at a time moves to
             ``cfg.device``.
-        calib_ids: ``[N, T]`` calibration windows (see :func:`sample_calibration`).
+        calib_ids: ``[N, T]`` calibration windows (see
+            :func:`effsft.prune.calibration.sample_calibration`).
         cfg: :class:`PruneSettings`.
 
     Returns:
@@ -560,8 +560,8 @@ def perplexity(model: nn.Module, ids_windows: torch.Tensor, device: torch.device
     """Perplexity over non-overlapping windows, streamed block by block.
 
     Args:
-        ids_windows: ``[W, T]`` windows (see :func:`make_windows`); every window predicts its
-            own tokens 1..T-1.
+        ids_windows: ``[W, T]`` windows (see :func:`effsft.prune.calibration.make_windows`);
+            every window predicts its own tokens 1..T-1.
 
     Returns:
         ``exp(mean token NLL)`` over all ``W·(T-1)`` predictions.
@@ -580,74 +580,3 @@ def perplexity(model: nn.Module, ids_windows: torch.Tensor, device: torch.device
         inputs = _stream_through_blocks(model, layout, ids_windows, device, batch_size)
         _head_outputs(layout, inputs.hidden, device, consume)
     return math.exp(nll[0] / count[0])
-
-
-def make_windows(token_ids: torch.Tensor | Sequence[int], seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    """Cut a 1-D token stream into non-overlapping ``[W, seqlen]`` windows (tail dropped)."""
-    ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
-    n = ids.numel() // seqlen
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise ValueError(f"stream of {ids.numel()} tokens is shorter than one window of {seqlen}")
-    return ids[: n * seqlen].view(n, seqlen)
-
-
-# ----------------------------------------------------------------------------- calibration data
-
-
-def calib_seqlen(config, seqlen: int) -> int:
-    """``T = min(seqlen, max_position_embeddings)``."""
-    cap = getattr(config, "max_position_embeddings", None)
-    return min(seqlen, cap) if cap else seqlen
-
-
-def sample_calibration_with_info(docs: Sequence[Sequence[int]], n_samples: int, seqlen: int, seed: int,
-                                 eos_id: int | None) -> tuple[torch.Tensor, dict]:
-    """Draw ``n_samples`` windows of ``seqlen`` tokens (Wanda/DLP's C4 recipe).
-
-    Default: pick a random document longer than ``seqlen`` (with replacement) and cut it at
-    a random offset. If no document is long enough, documents are shuffled, joined with
-    ``eos_id`` and windows are cut at random offsets of the joined stream; this deviation is
-    logged and reported in ``info``.
-
-    Returns:
-        ``(ids [n_samples, seqlen] long, info)``.
-    """
-    rng = random.Random(seed)
-    long_docs = [d for d in docs if len(d) > seqlen]
-    if long_docs:
-        rows = []
-        for _ in range(n_samples):
-            doc = long_docs[rng.randrange(len(long_docs))]
-            start = rng.randrange(len(doc) - seqlen)  # same range as the public loader
-            rows.append(list(doc[start : start + seqlen]))
-        return torch.tensor(rows, dtype=torch.long), {"mode": "long_documents", "n_long_documents": len(long_docs)}
-
-    order = list(range(len(docs)))
-    rng.shuffle(order)
-    stream: list[int] = []
-    for i in order:
-        stream.extend(int(t) for t in docs[i])
-        if eos_id is not None:
-            stream.append(int(eos_id))
-    if not stream:
-        raise ValueError("no calibration tokens")
-    repeats = 1
-    while len(stream) * repeats <= seqlen:
-        repeats += 1
-    stream = stream * repeats
-    msg = (f"calibration: no document longer than {seqlen} tokens; concatenating {len(docs)} documents "
-           f"with EOS ({len(stream)} tokens, repeated x{repeats})")
-    log.warning(msg)
-    rows = []
-    for _ in range(n_samples):
-        start = rng.randrange(len(stream) - seqlen)
-        rows.append(stream[start : start + seqlen])
-    return torch.tensor(rows, dtype=torch.long), {"mode": "concatenated", "deviation": msg, "repeats": repeats}
-
-
-def sample_calibration(docs: Sequence[Sequence[int]], n_samples: int, seqlen: int, seed: int,
-                       eos_id: int | None) -> torch.Tensor:
-    """``[n_samples, seqlen]`` calibration windows; see :func:`sample_calibration_with_info`."""
-    return sample_calibration_with_info(docs, n_samples, seqlen, seed, eos_id)[0]
