@@ -52,7 +52,8 @@ import torch
 import transformers as tf
 
 from effsft.prune import blockwise, criteria
-from effsft.prune.blockwise import PruneSettings, block_linears, find_layout, prune_model
+from effsft.prune.blocks import block_linears, find_layout
+from effsft.prune.blockwise import PruneSettings, prune_model
 from effsft.prune.calibration import make_windows, sample_calibration
 
 

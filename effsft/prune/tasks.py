@@ -66,7 +66,8 @@ def prune_task(model_spec: dict, settings: dict, calib, windows, save_dir: str |
     import torch
 
     from effsft.models.loading import load_model, load_tokenizer, resolve_dtype
-    from effsft.prune.blockwise import PruneSettings, perplexity, prune_model
+    from effsft.prune.blockwise import PruneSettings, prune_model
+    from effsft.prune.streaming import perplexity
 
     torch.set_num_threads(max(1, threads))
     device = settings["device"]

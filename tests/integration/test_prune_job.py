@@ -70,9 +70,9 @@ def test_prune_cli_single_run(tiny_model_dir, synth_corpus, tmp_path, capsys):
     # the reloaded model gives the reported pruned perplexity on the same windows
     from effsft.config import load_config
     from effsft.models.loading import load_tokenizer
-    from effsft.prune.blockwise import perplexity
     from effsft.prune.calibration import build_windows
     from effsft.prune.config import PruneConfig
+    from effsft.prune.streaming import perplexity
 
     cfg = load_config(PruneConfig, base=m["config"], overrides=[f"output={tmp_path / 'x'}"])
     _, windows, _ = build_windows(cfg, load_tokenizer(tiny_model_dir), 1024)

@@ -9,9 +9,10 @@ import torch
 import transformers as tf
 from torch import nn
 
+from effsft.prune import blocks, calibration
 from effsft.prune import blockwise as bw
-from effsft.prune import calibration
-from effsft.prune.blockwise import PruneSettings, perplexity, prune_model, signal_pass, streaming_logits
+from effsft.prune.blockwise import PruneSettings, prune_model, signal_pass
+from effsft.prune.streaming import perplexity, streaming_logits
 
 VOCAB = 128
 
@@ -236,9 +237,9 @@ def test_sample_calibration_modes(caplog):
 
 
 def test_find_layout_and_rejects_mixed_attention():
-    lay = bw.find_layout(_opt())
+    lay = blocks.find_layout(_opt())
     assert lay.prefix == "model.decoder.layers" and len(lay.final) == 2  # final_layer_norm, project_out
     model = _llama()
     model.config.layer_types = ["full_attention", "sliding_attention"]
     with pytest.raises(NotImplementedError):
-        bw.find_layout(model)
+        blocks.find_layout(model)
