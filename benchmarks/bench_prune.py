@@ -29,14 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from effsft.prune.blockwise import (  # noqa: E402
-    PruneSettings,
-    calib_seqlen,
-    make_windows,
-    perplexity,
-    prune_model,
-    sample_calibration_with_info,
-)
+from effsft.prune.blockwise import PruneSettings, prune_model  # noqa: E402
+from effsft.prune.calibration import calib_seqlen, make_windows, sample_calibration_with_info  # noqa: E402
+from effsft.prune.streaming import perplexity  # noqa: E402
 
 METHODS = [("uniform", "mean"), ("owl", "mean"), ("dlp", "mean"), ("dlp", "median")]
 CRITERIA = ["wanda", "sparsegpt"]

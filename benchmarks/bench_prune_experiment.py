@@ -104,7 +104,8 @@ def train_model(work: Path, corpus: Path, args) -> Path:
 def run_sweep(work: Path, corpus: Path, model_dir: Path, args) -> dict:
     """The prune job with a sweep section (one Ray task per configuration)."""
     from effsft.config import build_config
-    from effsft.prune.recipe import PruneConfig, run_prune
+    from effsft.prune.config import PruneConfig
+    from effsft.prune.recipe import run_prune
 
     data = {
         "model": {"path": str(model_dir), "dtype": "float32"},

@@ -52,8 +52,9 @@ import torch
 import transformers as tf
 
 from effsft.prune import blockwise, criteria
-from effsft.prune.blockwise import PruneSettings, block_linears, find_layout, make_windows, prune_model, \
-    sample_calibration
+from effsft.prune.blocks import block_linears, find_layout
+from effsft.prune.blockwise import PruneSettings, prune_model
+from effsft.prune.calibration import make_windows, sample_calibration
 
 
 # ----------------------------------------------------------------------------- model and data

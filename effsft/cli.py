@@ -44,7 +44,7 @@ JOBS: dict[str, Job] = {
     "sft": Job("effsft.sft.recipe:SFTConfig", "effsft.sft.recipe:run_sft",
                 {"model": "model.path", "data": "data.path"},
                 help="DeepSpeed SFT on Ray Train (Q-Tuning hook, LoRA, checkpoint/resume)"),
-    "prune": Job("effsft.prune.recipe:PruneConfig", "effsft.prune.recipe:run_prune",
+    "prune": Job("effsft.prune.config:PruneConfig", "effsft.prune.recipe:run_prune",
                   {"model": "model.path", "data": "prune.calib.data.path",
                    "eval_data": "prune.eval.data.path", "method": "prune.method",
                    "criterion": "prune.criterion", "sparsity": "prune.sparsity"},

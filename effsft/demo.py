@@ -115,7 +115,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from effsft.models.jobs import TinyModelConfig, run_tiny_model
     from effsft.grpo.config import GRPOConfig
     from effsft.grpo.recipe import run_grpo
-    from effsft.prune.recipe import PruneConfig, demo_config, run_prune
+    from effsft.prune.config import PruneConfig, demo_config
+    from effsft.prune.recipe import run_prune
     from effsft.select.recipe import SelectConfig, run_select
     from effsft.sft.recipe import SFTConfig, run_sft
 

@@ -4,7 +4,8 @@ Only the current decoder block and its input/output activations sit on ``device`
 rest of the model stays where it is (host RAM). Works for decoders whose blocks live in one
 ``nn.ModuleList`` (Llama, Qwen2, Mistral, OPT, ...).
 
-Pipeline (spec ``dlp.md`` §2):
+Pipeline (spec ``dlp.md`` §2; the block machinery is :mod:`effsft.prune.blocks`, the streamed
+perplexity :mod:`effsft.prune.streaming`):
     capture   forward pre-hook (``with_kwargs=True``) on block 0 stores the hidden states and
               every kwarg (attention mask, ``position_ids``, ``position_embeddings``, ...)
               and aborts the forward; blocks are replayed with those kwargs minus cache args.
@@ -19,19 +20,28 @@ Pipeline (spec ``dlp.md`` §2):
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
-import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from effsft.prune.allocate import allocate
+from effsft.prune.blocks import (
+    block_linears,
+    capture_inputs,
+    collect_hessians,
+    collect_sq_norms,
+    eval_mode,
+    find_layout,
+    host_device,
+    on_device,
+    run_block,
+    sync,
+)
 from effsft.prune.criteria import (
     exact_count,
     lowest_k_per_row,
@@ -47,8 +57,6 @@ log = logging.getLogger(__name__)
 
 CRITERIA = ("wanda", "sparsegpt", "magnitude")
 STATS = ("mean", "median")
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "use_cache")
-_FINAL_MODULE_NAMES = ("norm", "final_layer_norm", "ln_f", "final_norm", "project_out")
 
 
 @dataclass(frozen=True)
@@ -101,237 +109,6 @@ class PruneSettings:
         parse_nm(self.nm)
 
 
-# ----------------------------------------------------------------------------- model layout
-
-
-@dataclass
-class DecoderLayout:
-    """Where the pieces of a decoder-only LM are.
-
-    Attributes:
-        layers: the ``nn.ModuleList`` of decoder blocks.
-        prefix: qualified name of ``layers`` in the model (``model.layers``).
-        trunk: the module that owns ``layers`` (embeddings, rotary, final norm live here).
-        final: modules applied after the last block, in order (final norm, OPT's project_out).
-        head: the output projection (``lm_head``).
-    """
-
-    layers: nn.ModuleList
-    prefix: str
-    trunk: nn.Module
-    final: list[nn.Module]
-    head: nn.Module
-
-
-def find_layout(model: nn.Module) -> DecoderLayout:
-    """Locate the decoder blocks, final norm and head of an HF causal LM.
-
-    The blocks are the ``nn.ModuleList`` with ``config.num_hidden_layers`` entries that
-    contain ``nn.Linear`` layers (shortest name wins). Mixed sliding/full attention models
-    are rejected (their blocks need different masks; v1 captures one set of kwargs).
-    """
-    config = getattr(model, "config", None)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types and len(set(layer_types)) > 1:
-        raise NotImplementedError(f"mixed attention layer types {sorted(set(layer_types))} are not supported in v1")
-    n_layers = getattr(config, "num_hidden_layers", None)
-    candidates = [
-        (name, mod)
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.ModuleList)
-        and len(mod) > 0
-        and (n_layers is None or len(mod) == n_layers)
-        and all(any(isinstance(m, nn.Linear) for m in blk.modules()) for blk in mod)
-    ]
-    if not candidates:
-        raise ValueError("could not find the ModuleList of decoder blocks")
-    prefix, layers = min(candidates, key=lambda c: (c[0].count("."), len(c[0])))
-    trunk = model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model
-    final = [getattr(trunk, n) for n in _FINAL_MODULE_NAMES if isinstance(getattr(trunk, n, None), nn.Module)]
-    head = model.get_output_embeddings()
-    if head is None:
-        raise ValueError("model has no output embeddings (lm_head)")
-    return DecoderLayout(layers=layers, prefix=prefix, trunk=trunk, final=final, head=head)
-
-
-def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """The prunable matrices of a block: every ``nn.Linear`` (biases are never pruned)."""
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-
-
-def _host_device(layout: DecoderLayout) -> torch.device:
-    return next(layout.layers[0].parameters()).device
-
-
-def _sync(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ----------------------------------------------------------------------------- capture / replay
-
-
-class _Captured(Exception):
-    """Raised by the block-0 pre-hook to stop the forward once the inputs are stored."""
-
-
-@dataclass
-class BlockInputs:
-    """Activations entering the current block, in micro-batches.
-
-    Attributes:
-        hidden: list of ``[b, T, d]`` tensors on the run device.
-        kwargs: per micro-batch size, the kwargs block 0 received (cache args removed).
-    """
-
-    hidden: list[torch.Tensor]
-    kwargs: dict[int, dict] = field(default_factory=dict)
-
-    @property
-    def n_samples(self) -> int:
-        return sum(x.shape[0] for x in self.hidden)
-
-
-@contextlib.contextmanager
-def _trunk_on(layout: DecoderLayout, device: torch.device | str) -> Iterator[None]:
-    """Temporarily move the non-block parts of the trunk (embeddings, rotary...) to ``device``."""
-    host = _host_device(layout)
-    parts = [m for m in layout.trunk.children() if m is not layout.layers]
-    for m in parts:
-        m.to(device)
-    try:
-        yield
-    finally:
-        for m in parts:
-            m.to(host)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _batches(ids: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    for start in range(0, ids.shape[0], batch_size):
-        yield ids[start : start + batch_size]
-
-
-@torch.no_grad()
-def capture_inputs(model: nn.Module, layout: DecoderLayout, ids: torch.Tensor,
-                   device: torch.device | str, batch_size: int = 1) -> BlockInputs:
-    """Run the model up to block 0 and keep what block 0 receives.
-
-    Args:
-        ids: ``[N, T]`` token ids (unpadded windows; the kwargs are then identical for every
-            micro-batch of the same size, so they are stored once per size).
-
-    Returns:
-        :class:`BlockInputs` on ``device``.
-    """
-    store = BlockInputs(hidden=[])
-
-    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if len(args) > 1:
-            raise NotImplementedError("decoder blocks called with more than one positional argument")
-        hidden = args[0] if args else kwargs["hidden_states"]
-        store.hidden.append(hidden.detach())
-        size = hidden.shape[0]
-        if size not in store.kwargs:
-            store.kwargs[size] = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS and k != "hidden_states"}
-        raise _Captured
-
-    handle = layout.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        with _trunk_on(layout, device):
-            for batch in _batches(ids, batch_size):
-                try:
-                    model(batch.to(device), use_cache=False)
-                except _Captured:
-                    pass
-                else:
-                    raise RuntimeError("block 0 was never called during the capture forward")
-    finally:
-        handle.remove()
-    return store
-
-
-def _unwrap(out: torch.Tensor | tuple) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    """Replay one block over all micro-batches; returns the outputs ``[b, T, d]`` per batch."""
-    return [_unwrap(block(x, **inputs.kwargs[x.shape[0]])) for x in inputs.hidden]
-
-
-@contextlib.contextmanager
-def _on_device(module: nn.Module, device: torch.device | str, host: torch.device) -> Iterator[nn.Module]:
-    module.to(device)
-    try:
-        yield module
-    finally:
-        module.to(host)
-
-
-# ----------------------------------------------------------------------------- activation hooks
-
-
-@contextlib.contextmanager
-def _input_hooks(linears: dict[str, nn.Linear], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
-    """Forward hooks calling ``fn(name, x2d)`` with each Linear's input ``[tokens, in]`` in fp32."""
-
-    def make(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            x = args[0].detach()
-            fn(name, x.reshape(-1, x.shape[-1]).float())
-
-        return hook
-
-    handles = [lin.register_forward_hook(make(name)) for name, lin in linears.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@torch.no_grad()
-def collect_sq_norms(block: nn.Module, inputs: BlockInputs) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """One hooked forward: ``acc_j = Σ_tokens x²`` ``[in]`` per Linear, and the block outputs."""
-    linears = block_linears(block)
-    acc = {n: torch.zeros(l.in_features, dtype=torch.float32, device=l.weight.device) for n, l in linears.items()}
-
-    def add(name: str, x: torch.Tensor) -> None:
-        acc[name] += x.pow(2).sum(0)
-
-    with _input_hooks(linears, add):
-        outs = run_block(block, inputs)
-    return acc, outs
-
-
-@torch.no_grad()
-def collect_hessians(block: nn.Module, inputs: BlockInputs) -> dict[str, torch.Tensor]:
-    """One hooked forward: ``H_j = Σ x xᵀ / n_tokens`` ``[in, in]`` (fp32) per Linear."""
-    linears = block_linears(block)
-    H = {n: torch.zeros(l.in_features, l.in_features, dtype=torch.float32, device=l.weight.device)
-         for n, l in linears.items()}
-    tokens = dict.fromkeys(linears, 0)
-
-    def add(name: str, x: torch.Tensor) -> None:
-        H[name].addmm_(x.t(), x)
-        tokens[name] += x.shape[0]
-
-    with _input_hooks(linears, add):
-        run_block(block, inputs)
-    return {n: h / max(tokens[n], 1) for n, h in H.items()}
-
-
 # ----------------------------------------------------------------------------- pass A
 
 
@@ -350,12 +127,12 @@ def signal_pass(model: nn.Module, calib_ids: torch.Tensor, cfg: PruneSettings) -
         Per block ``{"mean", "median", "outlier_ratio", "numel"}``.
     """
     layout = find_layout(model)
-    host = _host_device(layout)
-    with _eval_mode(model):
+    host = host_device(layout)
+    with eval_mode(model):
         inputs = capture_inputs(model, layout, calib_ids, cfg.device, cfg.batch_size)
         out = []
         for block in layout.layers:
-            with _on_device(block, cfg.device, host):
+            with on_device(block, cfg.device, host):
                 acc, outs = collect_sq_norms(block, inputs)
                 stream = _score_stream(block_linears(block), acc, inputs.n_samples)
                 out.append(block_score_stats(stream, outlier_m=cfg.owl_m, median=True,
@@ -401,12 +178,12 @@ def prune_pass(model: nn.Module, calib_ids: torch.Tensor, sparsities: Sequence[f
         Per block ``{qualified matrix name: achieved sparsity}``.
     """
     layout = find_layout(model)
-    host = _host_device(layout)
+    host = host_device(layout)
     achieved = []
-    with _eval_mode(model):
+    with eval_mode(model):
         inputs = capture_inputs(model, layout, calib_ids, cfg.device, cfg.batch_size)
         for l, block in enumerate(layout.layers):
-            with _on_device(block, cfg.device, host):
+            with on_device(block, cfg.device, host):
                 linears = block_linears(block)
                 acc, H = {}, {}
                 if cfg.criterion == "wanda":
@@ -447,7 +224,8 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, cfg: PruneSettings) -
     Args:
         model: HF causal LM, weights on the host (CPU); only one block at a time moves to
             ``cfg.device``.
-        calib_ids: ``[N, T]`` calibration windows (see :func:`sample_calibration`).
+        calib_ids: ``[N, T]`` calibration windows (see
+            :func:`effsft.prune.calibration.sample_calibration`).
         cfg: :class:`PruneSettings`.
 
     Returns:
@@ -465,7 +243,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, cfg: PruneSettings) -
     stats: list[dict] = [{} for _ in blocks]
     if eff.method != "uniform":  # uniform needs no signal: skipping Pass A saves a forward per block
         stats = signal_pass(model, calib_ids, eff)
-    _sync(eff.device)
+    sync(eff.device)
     timings["pass_a_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -478,7 +256,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, cfg: PruneSettings) -
 
     t2 = time.perf_counter()
     per_matrix = prune_pass(model, calib_ids, alloc.sparsities, eff)
-    _sync(eff.device)
+    sync(eff.device)
     timings["pass_b_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0
 
@@ -508,146 +286,3 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, cfg: PruneSettings) -
         },
         "timings": timings, "warnings": notes,
     }
-
-
-# ----------------------------------------------------------------------------- streaming eval
-
-
-@torch.no_grad()
-def _stream_through_blocks(model: nn.Module, layout: DecoderLayout, ids: torch.Tensor,
-                           device: torch.device | str, batch_size: int) -> BlockInputs:
-    host = _host_device(layout)
-    inputs = capture_inputs(model, layout, ids, device, batch_size)
-    for block in layout.layers:
-        with _on_device(block, device, host):
-            inputs.hidden = run_block(block, inputs)
-    return inputs
-
-
-@torch.no_grad()
-def _head_outputs(layout: DecoderLayout, hidden: list[torch.Tensor], device: torch.device | str,
-                  fn: Callable[[torch.Tensor], None]) -> None:
-    """Apply final modules + lm_head to each micro-batch and hand ``logits [b, T, V]`` to ``fn``."""
-    host = _host_device(layout)
-    mods = [*layout.final, layout.head]
-    for m in mods:
-        m.to(device)
-    try:
-        for h in hidden:
-            for m in mods:
-                h = m(h)
-            fn(h)
-    finally:
-        for m in mods:
-            m.to(host)
-
-
-@torch.no_grad()
-def streaming_logits(model: nn.Module, ids: torch.Tensor, device: torch.device | str = "cpu",
-                     batch_size: int = 1) -> torch.Tensor:
-    """Logits ``[N, T, V]`` (on CPU) computed block by block: blocks, final norm, lm_head."""
-    layout = find_layout(model)
-    with _eval_mode(model):
-        inputs = _stream_through_blocks(model, layout, ids, device, batch_size)
-        chunks: list[torch.Tensor] = []
-        _head_outputs(layout, inputs.hidden, device, lambda z: chunks.append(z.float().cpu()))
-    return torch.cat(chunks)
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, ids_windows: torch.Tensor, device: torch.device | str = "cpu",
-               batch_size: int = 1) -> float:
-    """Perplexity over non-overlapping windows, streamed block by block.
-
-    Args:
-        ids_windows: ``[W, T]`` windows (see :func:`make_windows`); every window predicts its
-            own tokens 1..T-1.
-
-    Returns:
-        ``exp(mean token NLL)`` over all ``W·(T-1)`` predictions.
-    """
-    layout = find_layout(model)
-    nll, count = [0.0], [0]
-    targets = iter(list(_batches(ids_windows, batch_size)))
-
-    def consume(logits: torch.Tensor) -> None:  # logits [b, T, V]
-        y = next(targets).to(logits.device)  # [b, T]
-        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), y[:, 1:].flatten(), reduction="sum")
-        nll[0] += float(loss.item())
-        count[0] += y[:, 1:].numel()
-
-    with _eval_mode(model):
-        inputs = _stream_through_blocks(model, layout, ids_windows, device, batch_size)
-        _head_outputs(layout, inputs.hidden, device, consume)
-    return math.exp(nll[0] / count[0])
-
-
-def make_windows(token_ids: torch.Tensor | Sequence[int], seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    """Cut a 1-D token stream into non-overlapping ``[W, seqlen]`` windows (tail dropped)."""
-    ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
-    n = ids.numel() // seqlen
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise ValueError(f"stream of {ids.numel()} tokens is shorter than one window of {seqlen}")
-    return ids[: n * seqlen].view(n, seqlen)
-
-
-# ----------------------------------------------------------------------------- calibration data
-
-
-def calib_seqlen(config, seqlen: int) -> int:
-    """``T = min(seqlen, max_position_embeddings)``."""
-    cap = getattr(config, "max_position_embeddings", None)
-    return min(seqlen, cap) if cap else seqlen
-
-
-def sample_calibration_with_info(docs: Sequence[Sequence[int]], n_samples: int, seqlen: int, seed: int,
-                                 eos_id: int | None) -> tuple[torch.Tensor, dict]:
-    """Draw ``n_samples`` windows of ``seqlen`` tokens (Wanda/DLP's C4 recipe).
-
-    Default: pick a random document longer than ``seqlen`` (with replacement) and cut it at
-    a random offset. If no document is long enough, documents are shuffled, joined with
-    ``eos_id`` and windows are cut at random offsets of the joined stream; this deviation is
-    logged and reported in ``info``.
-
-    Returns:
-        ``(ids [n_samples, seqlen] long, info)``.
-    """
-    rng = random.Random(seed)
-    long_docs = [d for d in docs if len(d) > seqlen]
-    if long_docs:
-        rows = []
-        for _ in range(n_samples):
-            doc = long_docs[rng.randrange(len(long_docs))]
-            start = rng.randrange(len(doc) - seqlen)  # same range as the public loader
-            rows.append(list(doc[start : start + seqlen]))
-        return torch.tensor(rows, dtype=torch.long), {"mode": "long_documents", "n_long_documents": len(long_docs)}
-
-    order = list(range(len(docs)))
-    rng.shuffle(order)
-    stream: list[int] = []
-    for i in order:
-        stream.extend(int(t) for t in docs[i])
-        if eos_id is not None:
-            stream.append(int(eos_id))
-    if not stream:
-        raise ValueError("no calibration tokens")
-    repeats = 1
-    while len(stream) * repeats <= seqlen:
-        repeats += 1
-    stream = stream * repeats
-    msg = (f"calibration: no document longer than {seqlen} tokens; concatenating {len(docs)} documents "
-           f"with EOS ({len(stream)} tokens, repeated x{repeats})")
-    log.warning(msg)
-    rows = []
-    for _ in range(n_samples):
-        start = rng.randrange(len(stream) - seqlen)
-        rows.append(stream[start : start + seqlen])
-    return torch.tensor(rows, dtype=torch.long), {"mode": "concatenated", "deviation": msg, "repeats": repeats}
-
-
-def sample_calibration(docs: Sequence[Sequence[int]], n_samples: int, seqlen: int, seed: int,
-                       eos_id: int | None) -> torch.Tensor:
-    """``[n_samples, seqlen]`` calibration windows; see :func:`sample_calibration_with_info`."""
-    return sample_calibration_with_info(docs, n_samples, seqlen, seed, eos_id)[0]

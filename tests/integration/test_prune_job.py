@@ -68,13 +68,14 @@ def test_prune_cli_single_run(tiny_model_dir, synth_corpus, tmp_path, capsys):
     assert m["metrics"]["peak_host_mib"] > 0 and m["timings_s"]["prune_tasks"] > 0
 
     # the reloaded model gives the reported pruned perplexity on the same windows
-    import effsft.prune.recipe as recipe
     from effsft.config import load_config
     from effsft.models.loading import load_tokenizer
-    from effsft.prune.blockwise import perplexity
+    from effsft.prune.calibration import build_windows
+    from effsft.prune.config import PruneConfig
+    from effsft.prune.streaming import perplexity
 
-    cfg = load_config(recipe.PruneConfig, base=m["config"], overrides=[f"output={tmp_path / 'x'}"])
-    _, windows, _ = recipe.build_windows(cfg, load_tokenizer(tiny_model_dir), 1024)
+    cfg = load_config(PruneConfig, base=m["config"], overrides=[f"output={tmp_path / 'x'}"])
+    _, windows, _ = build_windows(cfg, load_tokenizer(tiny_model_dir), 1024)
     assert perplexity(model.eval(), windows, "cpu", 4) == pytest.approx(ppl_p, rel=1e-4)
 
 
@@ -130,7 +131,8 @@ def test_shipped_prune_config_is_valid(tiny_model_dir, synth_corpus):
     import yaml
 
     from effsft.config import build_config
-    from effsft.prune.recipe import PruneConfig, sweep_grid
+    from effsft.prune.config import PruneConfig
+    from effsft.prune.recipe import sweep_grid
 
     text = (REPO / "jobs" / "prune.yaml").read_text()
     data = yaml.safe_load(text)
@@ -148,7 +150,7 @@ def test_shipped_prune_config_is_valid(tiny_model_dir, synth_corpus):
 
 def test_demo_config_is_valid(tiny_model_dir, synth_corpus, tmp_path):
     from effsft.config import build_config
-    from effsft.prune.recipe import PruneConfig, demo_config
+    from effsft.prune.config import PruneConfig, demo_config
 
     cfg = build_config(PruneConfig, demo_config(tiny_model_dir, synth_corpus / "train", tmp_path / "p"))
     assert cfg.prune.method == "dlp" and cfg.sweep is None and cfg.prune.eval.data is None

@@ -24,6 +24,7 @@ RECIPES = {u for u, n in LAYER.items() if n == 3}
 PURE = ["grpo/loss.py", "grpo/prefix_grouper.py", "grpo/group_plan.py", "grpo/attention.py",
         "sft/qtuning.py", "sft/qtuning_scores.py", "sft/qtuning_samples.py", "sft/qtuning_loss.py", "sft/qtuning_config.py",
         "prune/criteria.py", "prune/allocate.py",
+        "prune/config.py", "prune/calibration.py", "prune/blocks.py", "prune/streaming.py",
         "select/ranking.py", "select/zip.py", "select/kcenter.py"]
 
 

@@ -9,8 +9,10 @@ import torch
 import transformers as tf
 from torch import nn
 
+from effsft.prune import blocks, calibration
 from effsft.prune import blockwise as bw
-from effsft.prune.blockwise import PruneSettings, perplexity, prune_model, signal_pass, streaming_logits
+from effsft.prune.blockwise import PruneSettings, prune_model, signal_pass
+from effsft.prune.streaming import perplexity, streaming_logits
 
 VOCAB = 128
 
@@ -224,20 +226,20 @@ def test_save_reload_sparsity_and_perplexity(tmp_path):
 
 def test_sample_calibration_modes(caplog):
     docs = [list(range(i * 1000, i * 1000 + n)) for i, n in enumerate([5, 40, 8, 100])]
-    a = bw.sample_calibration(docs, 6, 16, seed=0, eos_id=1)
-    assert a.shape == (6, 16) and torch.equal(a, bw.sample_calibration(docs, 6, 16, seed=0, eos_id=1))
+    a = calibration.sample_calibration(docs, 6, 16, seed=0, eos_id=1)
+    assert a.shape == (6, 16) and torch.equal(a, calibration.sample_calibration(docs, 6, 16, seed=0, eos_id=1))
     for row in a.tolist():  # contiguous slice of one long document
         assert row == list(range(row[0], row[0] + 16)) and row[0] // 1000 in (1, 3)
     with caplog.at_level(logging.WARNING):
-        b, info = bw.sample_calibration_with_info(docs[:1] + docs[2:3], 3, 16, seed=0, eos_id=1)
+        b, info = calibration.sample_calibration_with_info(docs[:1] + docs[2:3], 3, 16, seed=0, eos_id=1)
     assert info["mode"] == "concatenated" and "concatenating" in caplog.text
     assert b.shape == (3, 16) and 1 in b.tolist()[0] + b.tolist()[1] + b.tolist()[2]
 
 
 def test_find_layout_and_rejects_mixed_attention():
-    lay = bw.find_layout(_opt())
+    lay = blocks.find_layout(_opt())
     assert lay.prefix == "model.decoder.layers" and len(lay.final) == 2  # final_layer_norm, project_out
     model = _llama()
     model.config.layer_types = ["full_attention", "sliding_attention"]
     with pytest.raises(NotImplementedError):
-        bw.find_layout(model)
+        blocks.find_layout(model)

@@ -99,7 +99,7 @@ def test_template_resolution(tok_dir):
 def test_every_job_encodes_the_same_ids_and_labels(tok_dir, tmp_path):
     from effsft.grpo.config import GRPOConfig
     from effsft.grpo.prompts import read_prompts
-    from effsft.prune.recipe import tokenize_documents
+    from effsft.prune.calibration import tokenize_documents
     from effsft.select.less import encode_rows
     from effsft.select.lm_scores import encode_pairs, length_scores
 
