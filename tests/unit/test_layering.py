@@ -22,7 +22,8 @@ LAYER = {"storage": 0, "runtime": 0, "config": 0, "console": 0, "interrupts": 0,
          "cli": 4, "demo": 4, "__main__": 4}
 RECIPES = {u for u, n in LAYER.items() if n == 3}
 PURE = ["grpo/loss.py", "grpo/prefix_grouper.py", "sft/qtuning.py", "sft/qtuning_loss.py", "sft/qtuning_config.py", "prune/criteria.py", "prune/allocate.py",
-        "select/ranking.py", "select/zip.py", "select/kcenter.py"]
+        "select/ranking.py", "select/zip.py", "select/kcenter.py",
+        "select/less/features.py", "select/less/gradients.py", "select/less/warmup.py"]
 
 
 def _module(path: pathlib.Path) -> str:
