@@ -115,7 +115,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from effsft.models.jobs import TinyModelConfig, run_tiny_model
     from effsft.grpo.recipe import GRPOConfig, run_grpo
     from effsft.prune.recipe import PruneConfig, demo_config, run_prune
-    from effsft.select.recipe import SelectConfig, run_select
+    from effsft.select.config import SelectConfig
+    from effsft.select.recipe import run_select
     from effsft.sft.recipe import SFTConfig, run_sft
 
     out = Path(cfg.output)

@@ -30,8 +30,9 @@ mean learning rates and shard the moments, so they are not read here.)
 
 Modules: ``features`` (projector, Γ, η̄, the subtask combination), ``gradients`` (encoding,
 per-example gradients, projected features), ``warmup`` (LoRA, warm-up checkpoints,
-:func:`prepare_checkpoints`): no Ray in these three. This package re-exports their public
-names.
+:func:`prepare_checkpoints`): no Ray in these three; this package re-exports their public
+names. ``stage`` is the select job's LESS stage (the cached warm-up as a Ray task, then one
+scorer pool per checkpoint); import it from ``effsft.select.less.stage``.
 """
 from effsft.select.less.features import (PROJECTOR_VERSION, RademacherProjector, adam_features,
                                          combine_checkpoints, eta_bar, less_scores, normalize_rows,
