@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from effsft.config import ConfigError
-from effsft.select.config import DESCENDING, SCORES, SelectConfig
+from effsft.select.config import DESCENDING, SelectConfig
 
 
 def resolve_budget(budget: float, n_ok: int) -> int:
@@ -51,17 +51,15 @@ def choose(cfg: SelectConfig, budget: int, ids: np.ndarray, ranks: np.ndarray, c
         return ranking.bottom_k(ranks, budget), info
     if method == "random_stratified":
         return ranking.stratified_bottom_k(meta_strata, ranks, budget), {"stratify_by": cfg.stratify_by}
-    base = method[3:] if method.startswith("km_") else method
-    if method == "kmeans":
-        base = None
+    plan = cfg.plan
     score = None
-    if base in SCORES:
+    if plan.score is not None:
         score = cols["score"]
-        desc = DESCENDING[base] if cfg.direction is None else cfg.direction == "descending"
-        if base == "length" and cfg.direction is None:
+        desc = DESCENDING[plan.score] if cfg.direction is None else cfg.direction == "descending"
+        if plan.score == "length" and cfg.direction is None:
             desc = cfg.length.order == "longest"
         info["direction"] = "descending" if desc else "ascending"
-    if method.startswith("km_") or method == "kmeans":
+    if plan.clusters:
         s = score if score is not None else -ranks.astype(np.float64)  # kmeans: random within clusters
         picks = ranking.km_select(cluster["cluster"], s, ranks, budget,
                                   descending=True if score is None else desc)
@@ -69,7 +67,7 @@ def choose(cfg: SelectConfig, budget: int, ids: np.ndarray, ranks: np.ndarray, c
         info.update(k=cluster["k"], cluster_sizes=sizes.tolist(),
                     cluster_selected=np.bincount(cluster["cluster"][picks], minlength=cluster["k"]).tolist())
         return picks, info
-    if base in SCORES:
+    if plan.score is not None:
         return ranking.top_k_indices(score, budget, descending=desc, tie_ranks=ranks), info
     if method == "diverseevol":
         return _kcenter(cfg, budget, cols["emb"], ranks, info), info

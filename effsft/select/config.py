@@ -1,7 +1,8 @@
 """The ``effsft select`` config: method and score names, the sections of the YAML and
-:class:`SelectConfig`."""
+:class:`SelectConfig`, and :data:`PLANS`, what each method needs (scores, embeddings, clusters)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 from pydantic import Field, model_validator
@@ -16,6 +17,30 @@ DESCENDING = {"length": True, "ce": True, "ppl": True, "entropy": True, "ifd": T
                "less": True}
 LM_SCORES = ("ce", "ppl", "entropy", "ifd", "selectit")
 
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """What a method needs before its selection rule runs, read from its name."""
+
+    name: str
+    score: Optional[str]  # the per-row score it ranks by (one of SCORES); None: random, zip, diverseevol, kmeans
+    embedding: bool       # row embeddings: kmeans, km_*, diverseevol
+    clusters: bool        # k-means clusters: kmeans, km_*
+
+    @classmethod
+    def of(cls, method: str) -> MethodPlan:
+        base = method[3:] if method.startswith("km_") else method
+        clusters = method.startswith("km_") or method == "kmeans"
+        return cls(method, base if base in SCORES else None, clusters or method == "diverseevol", clusters)
+
+    @property
+    def scorers(self) -> tuple[str, ...]:
+        """The scorer pools to run, in order: the score's, ``emb``, ``zip_g`` (ZIP's per-row g)."""
+        return ((self.score,) if self.score is not None else ()) + (("emb",) if self.embedding else ()) + (
+            ("zip_g",) if self.name == "zip" else ())
+
+
+PLANS = {m: MethodPlan.of(m) for m in METHODS}
 
 
 class ScorerSection(Strict):
@@ -130,11 +155,16 @@ class SelectConfig(Strict):
             raise ValueError(f"method: unknown {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.budget >= 1 and self.budget != int(self.budget):
             raise ValueError("budget: a count must be an integer (or give a fraction < 1)")
-        base = self.method[3:] if self.method.startswith("km_") else self.method
-        uses_emb = self.method in ("kmeans", "diverseevol") or self.method.startswith("km_")
-        needs_model = (base in SCORES and base != "selectit") or (uses_emb and self.embed.kind == "lm")
+        plan = self.plan
+        needs_model = (plan.score is not None and plan.score != "selectit") or (
+            plan.embedding and self.embed.kind == "lm")
         if needs_model and self.model is None:
             raise ValueError(f"model: method {self.method!r} needs model.path (tokenizer / scoring LM)")
-        if base == "selectit" and not (self.selectit.models or self.model):
+        if plan.score == "selectit" and not (self.selectit.models or self.model):
             raise ValueError("selectit.models: give rating models (or model.path)")
         return self
+
+    @property
+    def plan(self) -> MethodPlan:
+        """What :attr:`method` needs: its score, embeddings, clusters and scorer pools."""
+        return PLANS[self.method]

@@ -1,7 +1,7 @@
 """Recipe ``effsft select``: distributed, resumable data selection.
 
-:func:`run_select` reads the config (``select.config``: the sections of the YAML), then runs
-the stages in order:
+:func:`run_select` reads the config (``select.config``: the sections and each method's plan of
+scores, embeddings and clusters), then runs the stages in order:
   1. ``prepare``   read + normalise the corpus once into fixed shards (cached by fingerprint;
                    ``select.shards``)
   2. ``score``     per-row scorers on Ray Data actor pools, persisted per shard (resumable,
@@ -31,7 +31,7 @@ import pyarrow as pa
 from effsft.config import to_dict
 from effsft.runtime import OutputDir, init_ray, timed
 from effsft.select.choose import choose, cluster_rows, resolve_budget
-from effsft.select.config import SCORES, SelectConfig
+from effsft.select.config import SelectConfig
 from effsft.select.outputs import make_plots, score_stats, write_outputs
 from effsft.select.scoring import aligned_columns, run_scorer, selectit_scores
 from effsft.select.shards import prepare, read_ids, read_strata, read_zip_rows
@@ -59,7 +59,7 @@ def run_select(cfg: SelectConfig) -> dict:
     budget = resolve_budget(cfg.budget, n_ok)
     with timed(timings, "ranks"):
         ranks = random_rank(ids, cfg.seed)
-    # 2. score: the columns the method needs
+    # 2. score: the columns the method's plan needs
     cols, scoring, less_details = score_columns(cfg, cache, shards, ids_by_shard, ranks, corpus_fp, faults,
                                                 timings)
     if cfg.method == "zip":
@@ -67,7 +67,7 @@ def run_select(cfg: SelectConfig) -> dict:
             cols["zip_rows"] = read_zip_rows(shards, cfg.zip.ser)
     # 3. cluster
     cluster = None
-    if cfg.method.startswith("km_") or cfg.method == "kmeans":
+    if cfg.plan.clusters:
         with timed(timings, "kmeans"):
             cluster = cluster_rows(cfg, cols["emb"], ranks, budget)
     # 4. choose
@@ -98,27 +98,14 @@ def run_select(cfg: SelectConfig) -> dict:
     return {"output": str(final), "method": cfg.method, **counts, "timings": timings}
 
 
-def needed_scores(cfg: SelectConfig) -> list[str]:
-    m = cfg.method
-    base = m[3:] if m.startswith("km_") else m
-    need = []
-    if base in SCORES:
-        need.append(base)
-    if m.startswith("km_") or m in ("kmeans", "diverseevol"):
-        need.append("emb")
-    if m == "zip":
-        need.append("zip_g")
-    return need
-
-
 def score_columns(cfg: SelectConfig, cache: Path, shards: list[Path], ids_by_shard: list[pa.Array],
                   ranks: np.ndarray, corpus_fp: str, faults: Path, timings: dict) -> tuple[dict, dict, dict]:
     """Stage 2: (columns in corpus order — ``score``, ``status``, ``emb`` —, run statistics per
-    scorer, LESS details) for the scorers the method needs."""
+    scorer, LESS details) for the scorers of the method's plan."""
     cols: dict = {}
     scoring: dict = {}
     less_details: dict = {}
-    for score in needed_scores(cfg):
+    for score in cfg.plan.scorers:
         with timed(timings, f"score_{score}"):
             if score == "less":
                 from effsft.select.less.stage import run_less_scoring  # imports torch: only for LESS
