@@ -162,7 +162,8 @@ def main() -> None:
         print(f"trained: {info}")
 
     from effsft.config import build_config
-    from effsft.select.recipe import SelectConfig, run_select
+    from effsft.select.config import SelectConfig
+    from effsft.select.recipe import run_select
 
     common.init_local_ray()
     k1, k2, k3 = (int(x) for x in args.zip_k.split(","))

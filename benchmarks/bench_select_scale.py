@@ -111,7 +111,9 @@ def main() -> None:
     print(common.machine_line())
 
     from effsft.config import build_config
-    from effsft.select.recipe import SelectConfig, prepare, run_select
+    from effsft.select.config import SelectConfig
+    from effsft.select.recipe import run_select
+    from effsft.select.shards import prepare
 
     if args.corpus:
         corpus_train = Path(args.corpus)

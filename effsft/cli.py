@@ -38,7 +38,7 @@ JOBS: dict[str, Job] = {
     "eval": Job("effsft.eval.recipe:EvalConfig", "effsft.eval.recipe:run_eval",
                 {"model": "model.path", "data": "data.path"},
                 help="perplexity + exact-match accuracy"),
-    "select": Job("effsft.select.recipe:SelectConfig", "effsft.select.recipe:run_select",
+    "select": Job("effsft.select.config:SelectConfig", "effsft.select.recipe:run_select",
                   {"input": "input.path", "model": "model.path"},
                   help="distributed, resumable data selection (random, length, ce, ifd, zip, km_*, ...)"),
     "sft": Job("effsft.sft.recipe:SFTConfig", "effsft.sft.recipe:run_sft",

@@ -117,7 +117,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from effsft.grpo.recipe import run_grpo
     from effsft.prune.config import PruneConfig, demo_config
     from effsft.prune.recipe import run_prune
-    from effsft.select.recipe import SelectConfig, run_select
+    from effsft.select.config import SelectConfig
+    from effsft.select.recipe import run_select
     from effsft.sft.recipe import SFTConfig, run_sft
 
     out = Path(cfg.output)

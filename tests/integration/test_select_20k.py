@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from effsft.config import build_config
-from effsft.select.recipe import SelectConfig, run_select
+from effsft.select.config import SelectConfig
+from effsft.select.recipe import run_select
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 

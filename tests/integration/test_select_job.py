@@ -6,7 +6,8 @@ import pytest
 
 from effsft.cli import main
 from effsft.config import build_config
-from effsft.select.recipe import SelectConfig, run_select
+from effsft.select.config import SelectConfig
+from effsft.select.recipe import run_select
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -25,7 +25,8 @@ PURE = ["grpo/loss.py", "grpo/prefix_grouper.py", "grpo/group_plan.py", "grpo/at
         "sft/qtuning.py", "sft/qtuning_scores.py", "sft/qtuning_samples.py", "sft/qtuning_loss.py", "sft/qtuning_config.py",
         "prune/criteria.py", "prune/allocate.py",
         "prune/config.py", "prune/calibration.py", "prune/blocks.py", "prune/streaming.py",
-        "select/ranking.py", "select/zip.py", "select/kcenter.py"]
+        "select/ranking.py", "select/zip.py", "select/kcenter.py",
+        "select/less/features.py", "select/less/gradients.py", "select/less/warmup.py"]
 
 
 def _module(path: pathlib.Path) -> str:

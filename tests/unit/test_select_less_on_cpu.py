@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from effsft.select import less
+from effsft.select.less.gradients import _collate
 
 
 # ----------------------------------------------------------------------------- projector
@@ -175,7 +176,7 @@ def test_per_example_grads_equal_single_example_backward():
     names = less.trainable_names(model)
     rows, status = less.encode_rows(char_tokenizer(), [_msgs(i) for i in (1, 22, 333)], max_len=64)
     assert status == ["ok"] * 3
-    ids, labels, _ = less._collate(rows, 0)
+    ids, labels, _ = _collate(rows, 0)
     for method in ("vmap", "loop"):
         g = less.per_example_grads(model, ids, labels, names, method)
         for b, (x, y) in enumerate(rows):
