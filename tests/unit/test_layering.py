@@ -125,3 +125,16 @@ def test_the_ignore_index_has_one_home():
     assert defined == [home], f"IGNORE_INDEX is defined in {defined}; its home is corpus/tokenize.py"
     literal = {str(p.relative_to(PKG)): _minus_100s(p) for p in MODULES if p != home and _minus_100s(p)}
     assert not literal, f"use corpus.tokenize.IGNORE_INDEX instead of -100 at {literal}"
+
+
+MAX_MODULE_LINES, MAX_RECIPE_LINES = 450, 350
+
+
+def test_modules_stay_small_and_recipes_read_top_to_bottom():
+    """No module over 450 lines, no recipe.py over 350: a module that grows past them is split
+    along a seam (docs/ARCHITECTURE.md), not allowed to sprawl."""
+    sizes = {str(p.relative_to(PKG)): len(p.read_text().splitlines()) for p in MODULES}
+    big = {m: n for m, n in sizes.items() if n > MAX_MODULE_LINES}
+    assert not big, f"modules over {MAX_MODULE_LINES} lines: {big}"
+    recipes = {m: n for m, n in sizes.items() if m.endswith("recipe.py") and n > MAX_RECIPE_LINES}
+    assert not recipes, f"recipes over {MAX_RECIPE_LINES} lines: {recipes}"
