@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-import _select_bench_common as common
+import common
 
 
 class TimedLMScorer:
@@ -168,6 +168,7 @@ def cost_model(rows_per_s: float, tbar: dict, params: float = 1.7e9, eta: float 
 
 
 def main() -> None:
+    common.set_env_defaults(ray=True)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=4000)
     ap.add_argument("--shards", type=int, default=4)
@@ -189,7 +190,7 @@ def main() -> None:
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="selbench-ovh-"))
     print(common.machine_line())
     corpus = common.make_corpus(tmp / f"corpus-{args.rows}", args.rows, -(-args.rows // args.shards))
-    model_dir = common.make_model(tmp / f"model-{args.size}", corpus, size=args.size)
+    model_dir = common.tiny_model(tmp / f"model-{args.size}", corpus, size=args.size)
     shards = sorted((corpus / "train").glob("shard-*.parquet"))
 
     import pyarrow.parquet as pq

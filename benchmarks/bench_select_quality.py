@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-import _select_bench_common as common
+import common
 
 
 def clean_rows(train_dir: Path) -> list[list[dict]]:
@@ -126,6 +126,7 @@ def method_runs(args) -> list[tuple[str, str, dict]]:
 
 
 def main() -> None:
+    common.set_env_defaults(ray=True)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=20_000)
     ap.add_argument("--noise", type=float, default=0.2)
@@ -154,7 +155,7 @@ def main() -> None:
     else:
         model_dir = work / f"model-{args.size}-trained{args.train_steps}"
         if not (model_dir / "trained.json").exists():
-            common.make_model(model_dir, corpus, size=args.size)
+            common.tiny_model(model_dir, corpus, size=args.size)
             print(f"training the {args.size} model on the clean rows ({common.load_line()})", flush=True)
             info = train_model(model_dir, corpus, args.train_steps, args.train_batch, args.lr, max_len=512)
             (model_dir / "trained.json").write_text(json.dumps(info, indent=1))
@@ -178,9 +179,7 @@ def main() -> None:
                                                     "micro_batch_size": 16, "max_len": 1024},
                 "zip": {"mode": "window", "workers": 2, "k1": k1, "k2": k2, "k3": k3},
                 "embed": {"kind": "lexical"}, "plots": False, "overwrite": True, **extra}
-        t = time.perf_counter()
-        out = run_select(build_config(SelectConfig, data))
-        secs[label] = time.perf_counter() - t
+        out, secs[label] = common.timed(run_select, build_config(SelectConfig, data))
         res[label] = picked_labels(Path(out["output"]))
         print(f"{label}: {secs[label]:.1f}s noisy {res[label][0].mean():.3f} dup {res[label][1].mean():.3f} "
               f"({common.load_line()})", flush=True)

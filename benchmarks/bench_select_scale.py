@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import _select_bench_common as common
+import common
 
 
 class MemSampler:
@@ -88,6 +87,7 @@ def base_config(args, corpus_train: Path, model_dir: Path, work: Path, method: s
 
 
 def main() -> None:
+    common.set_env_defaults(ray=True, RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S="300")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--corpus", default=None, help="existing corpus dir (Parquet/JSONL shards); skips synth")
@@ -119,7 +119,7 @@ def main() -> None:
     else:
         syn = common.make_corpus(work / f"synth-{args.rows}", args.rows, min(args.shard_rows, 50_000))
         corpus_train, tok_src = syn / "train", syn
-    model_dir = common.make_model(work / "model-tiny", tok_src, size="tiny")  # tokenizer for length
+    model_dir = common.tiny_model(work / "model-tiny", tok_src, size="tiny")  # tokenizer for length
     common.init_local_ray()
     with MemSampler() as idle:
         time.sleep(1.0)
@@ -174,5 +174,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "300")
     main()
