@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common  # noqa: E402
 from effsft.prune.blockwise import (  # noqa: E402
     PruneSettings,
     calib_seqlen,
@@ -107,9 +106,7 @@ def run(args) -> list[dict]:
                 cfg = PruneSettings(method=method, criterion=criterion, sparsity=s, alpha=args.alpha, stat=stat,
                                     owl_lambda=args.owl_lambda, owl_m=args.owl_m, device=args.device,
                                     batch_size=args.batch_size)
-                t0 = time.perf_counter()
-                rep = prune_model(model, calib, cfg)
-                prune_s = time.perf_counter() - t0
+                rep, prune_s = common.timed(prune_model, model, calib, cfg)
                 peak = peak_memory_mib(args.device)
                 ppl = perplexity(model, windows, args.device, args.batch_size)
                 rows.append({"method": method, "stat": stat, "criterion": criterion, "sparsity": s, "ppl": ppl,
@@ -156,7 +153,7 @@ def main(argv=None) -> None:
     print()
     print(table(rows))
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        common.write_json(args.out, {"args": vars(args), "rows": rows}, indent=2)
 
 
 if __name__ == "__main__":
