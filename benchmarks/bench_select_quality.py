@@ -158,7 +158,7 @@ def main() -> None:
             common.tiny_model(model_dir, corpus, size=args.size)
             print(f"training the {args.size} model on the clean rows ({common.load_line()})", flush=True)
             info = train_model(model_dir, corpus, args.train_steps, args.train_batch, args.lr, max_len=512)
-            (model_dir / "trained.json").write_text(json.dumps(info, indent=1))
+            common.write_json(model_dir / "trained.json", info, indent=1)
         info = json.loads((model_dir / "trained.json").read_text())
         print(f"trained: {info}")
 
