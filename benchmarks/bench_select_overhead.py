@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -187,7 +185,11 @@ def main() -> None:
     if args.quick:
         args.rows, args.shards, args.size = 600, 2, "tiny"
         args.configs = args.configs or f"plain:1x{args.threads},ray:{args.threads}x1"
-    tmp = Path(args.workdir or tempfile.mkdtemp(prefix="selbench-ovh-"))
+    with common.work_dir(args.workdir, "selbench-ovh-") as tmp:
+        measure(args, tmp)
+
+
+def measure(args, tmp: Path) -> None:
     print(common.machine_line())
     corpus = common.make_corpus(tmp / f"corpus-{args.rows}", args.rows, -(-args.rows // args.shards))
     model_dir = common.tiny_model(tmp / f"model-{args.size}", corpus, size=args.size)
@@ -252,8 +254,6 @@ def main() -> None:
     best = max((r for r in results if r["label"].startswith("plain")), key=lambda r: r["rows"] / r["score_s"])
     lines += cost_model(best["rows"] / best["score_s"], tbar)
     print("\n".join(lines))
-    if not args.workdir:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

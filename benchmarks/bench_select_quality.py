@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -144,8 +142,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.rows, args.budget, args.train_steps, args.zip_k = 3000, 300, 60, "300,40,20"
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="selbench-quality-"))
-    work.mkdir(parents=True, exist_ok=True)
+    with common.work_dir(args.workdir, "selbench-quality-") as work:
+        measure(args, work)
+
+
+def measure(args, work: Path) -> None:
     print(common.machine_line())
     t_all = time.perf_counter()
     corpus = common.make_corpus(work / f"synth-{args.rows}-{args.noise}-{args.dup}", args.rows,
@@ -200,8 +201,6 @@ def main() -> None:
         n, d = noisy.mean(), dup.mean()
         print(f"| {label} | {n:.3f} | {n / p_noisy:.2f} | {100 * (n - rm[0]):+.1f} ± {100 * rs[0]:.1f} | "
               f"{d:.3f} | {d / p_dup:.2f} | {100 * (d - rm[1]):+.1f} ± {100 * rs[1]:.1f} | {secs[label]:.1f} |")
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

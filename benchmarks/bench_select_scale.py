@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -106,8 +105,11 @@ def main() -> None:
     if args.quick:
         args.rows, args.shard_rows, args.budget = 20_000, 5_000, 1000
         args.zip_budget, args.zip_k1, args.zip_k2, args.zip_k3 = 1000, 2000, 200, 100
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="selbench-scale-"))
-    work.mkdir(parents=True, exist_ok=True)
+    with common.work_dir(args.workdir, "selbench-scale-") as work:
+        measure(args, work)
+
+
+def measure(args, work: Path) -> None:
     print(common.machine_line())
 
     from effsft.config import build_config
@@ -169,8 +171,6 @@ def main() -> None:
         st = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
         print(f"| {r['step']} | {r['wall_s']:.1f} | {st} | {mb(r['driver'])} | {mb(r['workers'])} | "
               f"{mb(r['total'])} | {r['note']} |")
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,17 @@ effsft are imported inside the functions that need them, so importing it costs n
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 # Environment defaults: what a benchmark sets unless the caller's environment already says otherwise.
 ENV_DEFAULTS = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -51,7 +54,18 @@ def load_line() -> str:
     return f"load average now {_loadavg()}"
 
 
-# ---- inputs: synthetic corpus and tiny model ---------------------------------------------------
+# ---- inputs: work dir, synthetic corpus and tiny model --------------------------------------------
+
+@contextlib.contextmanager
+def work_dir(path: str | None, prefix: str) -> Iterator[Path]:
+    """The benchmark's work dir: ``path`` (``--workdir``; made if missing and kept), or else a fresh
+    temporary folder that is removed when the block ends without an error (a failed run keeps it)."""
+    work = Path(path or tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    yield work
+    if not path:
+        shutil.rmtree(work, ignore_errors=True)
+
 
 def synth_corpus(out: Path, clean: bool = False, verbose: bool = False, **settings) -> Path:
     """``effsft synth`` corpus (``SynthSettings(**settings)``) written to ``out``; returns ``out``.
