@@ -1,5 +1,5 @@
 """Set-up shared by the benchmark scripts: environment defaults, the machine line printed with
-results, the synthetic corpus and tiny model in a work dir, an embedded Ray, effsft CLI jobs,
+results, the work dir with its synthetic corpus and tiny model, an embedded Ray, effsft CLI jobs,
 timing, the warm-up + cosine learning rate and JSON results.
 
 The scripts run as ``python benchmarks/<script>.py``, so Python puts ``benchmarks/`` first on
