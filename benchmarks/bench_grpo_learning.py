@@ -18,6 +18,8 @@ import json
 import time
 from pathlib import Path
 
+import common
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -35,10 +37,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from effsft.config import build_config
-    from effsft.corpus.synth import SynthSettings, write_synth
     from effsft.grpo.config import GRPOConfig
     from effsft.grpo.recipe import run_grpo
-    from effsft.models.tiny import write_tiny_model
     from effsft.runtime import init_ray
     from effsft.sft.recipe import SFTConfig, run_sft
     from effsft.train.loop import read_metrics
@@ -47,14 +47,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     tasks = args.tasks.split(",")
     t0 = time.perf_counter()
-    corpus = out / "corpus"
-    if not (corpus / "grpo.parquet").exists():
-        write_synth(SynthSettings(rows=args.rows, noise=0.0, dup=0.0, garbage=0.0, eval_rows=16,
-                                  grpo_rows=256, length_spread=0, task_mix={t: 1.0 for t in tasks},
-                                  seed=args.seed), corpus, progress=False)
-    model = out / "tiny"
-    if not (model / "config.json").exists():
-        write_tiny_model(model, "llama", corpus=str(corpus), seed=args.seed, size=args.size)
+    corpus = common.synth_corpus(out / "corpus", clean=True, rows=args.rows, eval_rows=16, grpo_rows=256,
+                                 length_spread=0, task_mix={t: 1.0 for t in tasks}, seed=args.seed)
+    model = common.tiny_model(out / "tiny", corpus, size=args.size, seed=args.seed)
     init_ray()
     sft_out = out / "sft"
     if not (sft_out / "_SUCCESS").exists():
@@ -93,7 +88,7 @@ def main() -> None:
         "step_s_median": sorted(r["step_s"] for r in rows)[len(rows) // 2],
         "actors_in_sync": res["actors_in_sync"], "sft_wall_s": round(t_sft, 1),
         "total_wall_s": round(time.perf_counter() - t0, 1)}
-    (out / "grpo_learning.json").write_text(json.dumps(summary, indent=2))
+    common.write_json(out / "grpo_learning.json", summary, indent=2)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("frac_zero_adv_groups",)}, indent=2))
 
 

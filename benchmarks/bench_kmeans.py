@@ -10,9 +10,10 @@ assigns all rows with each model, and prints wall times, their ratio and the obj
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+
+import common
 
 
 def blobs(rows: int, dim: int, n_centers: int, seed: int) -> np.ndarray:
@@ -41,22 +42,14 @@ def main() -> None:
     x = blobs(args.rows, args.dim, 2 * args.k, args.seed)
     print(f"data: {x.shape} float32, k={args.k}, niter={args.niter}, threads={args.threads}")
 
-    t0 = time.perf_counter()
-    cent = fit_kmeans(x, args.k, niter=args.niter, seed=args.seed, n_threads=args.threads)
-    t_fit_f = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    _, dist = assign(x, cent)
-    t_asg_f = time.perf_counter() - t0
+    cent, t_fit_f = common.timed(fit_kmeans, x, args.k, niter=args.niter, seed=args.seed, n_threads=args.threads)
+    (_, dist), t_asg_f = common.timed(assign, x, cent)
     obj_f = float(dist.mean())
 
-    t0 = time.perf_counter()
     mbk = MiniBatchKMeans(n_clusters=args.k, max_iter=args.niter, batch_size=4096, n_init=1,
                           random_state=args.seed, init="random")
-    mbk.fit(x)
-    t_fit_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    lab = mbk.predict(x)
-    t_asg_s = time.perf_counter() - t0
+    _, t_fit_s = common.timed(mbk.fit, x)
+    lab, t_asg_s = common.timed(mbk.predict, x)
     obj_s = float(((x - mbk.cluster_centers_[lab].astype(np.float32)) ** 2).sum(1).mean())
 
     print(f"faiss   fit {t_fit_f:8.2f}s  assign {t_asg_f:7.2f}s  objective {obj_f:.3f}")

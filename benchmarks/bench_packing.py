@@ -22,24 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+import common
+
 
 def _inputs(tmp: Path, a) -> tuple[Path, Path]:
-    from effsft.corpus.synth import SynthSettings, write_synth
-    from effsft.models.tiny import write_tiny_model
-
-    corpus = tmp / "corpus"
-    write_synth(SynthSettings(rows=a.rows, noise=0.0, dup=0.0, garbage=0.0, length_spread=a.length_spread,
-                              eval_rows=8, grpo_rows=8, seed=0), corpus, progress=False)
+    corpus = common.synth_corpus(tmp / "corpus", clean=True, rows=a.rows, length_spread=a.length_spread,
+                                 eval_rows=8, grpo_rows=8, seed=0)
     if Path(a.model).is_dir():
         return corpus / "train", Path(a.model)
-    return corpus / "train", write_tiny_model(tmp / "model", "llama", corpus=str(corpus), seed=0, size=a.model)
+    return corpus / "train", common.tiny_model(tmp / "model", corpus, size=a.model, seed=0)
 
 
 def _rows(model: Path, data: Path, max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -52,11 +49,6 @@ def _rows(model: Path, data: Path, max_len: int) -> list[tuple[list[int], list[i
     msgs = [m for f in sorted(data.glob("*.parquet")) for m in pq.read_table(f).column("messages").to_pylist()]
     enc = [encode_chat(tok, m, max_len) for m in msgs]
     return [(e.input_ids, e.labels) for e in enc if not e.too_long and e.n_response]
-
-
-def _steady(rows: list[dict]) -> tuple[float, float]:
-    rest = rows[1:] or rows
-    return sum(r["tokens"] for r in rest) / sum(r["step_s"] for r in rest), statistics.median(r["step_s"] for r in rest)
 
 
 def effsft_sft(model, data, out, a, **train) -> dict:
@@ -72,7 +64,7 @@ def effsft_sft(model, data, out, a, **train) -> dict:
                   "checkpoint_every": 0, "schedule": "constant", **train}})
     run_sft(cfg)
     rows = read_metrics(out / "metrics.jsonl")
-    tps, step = _steady(rows)
+    tps, step = common.steady_state(rows)
     m = json.loads((out / "manifest.json").read_text())
     return {"tokens_per_s": tps, "median_step_s": step, "packing": m["counts"].get("packing")}
 
@@ -107,7 +99,7 @@ def plain_loop(model_dir, rows, a, ppm: int, threads: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batches = _packed_micro_batches(rows, a, ppm)[: a.steps]
-    times, tokens = [], []
+    steps = []
     for b in batches:
         t0 = time.perf_counter()
         loss = model(input_ids=b["input_ids"], position_ids=b["position_ids"], labels=b["labels"], use_cache=False).loss
@@ -115,9 +107,9 @@ def plain_loop(model_dir, rows, a, ppm: int, threads: int) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-        tokens.append(b["num_tokens"])
-    return {"tokens_per_s": sum(tokens[1:]) / sum(times[1:]), "median_step_s": statistics.median(times[1:])}
+        steps.append({"tokens": b["num_tokens"], "step_s": time.perf_counter() - t0})
+    tps, step = common.steady_state(steps)
+    return {"tokens_per_s": tps, "median_step_s": step}
 
 
 def trl_sft(model_dir, rows, a, ppm: int, threads: int, out: Path, packed: bool = True) -> dict:
@@ -159,8 +151,8 @@ def trl_sft(model_dir, rows, a, ppm: int, threads: int, out: Path, packed: bool 
     mean_len = sum(len(x) for x in data["input_ids"]) / len(data)  # a pack, or a row (real tokens)
     trainer.train()
     per_step = mean_len * (ppm if packed else a.mbs)
-    return {"tokens_per_s": per_step * (len(times) - 1) / sum(times[1:]),
-            "median_step_s": statistics.median(times[1:]), "rows_or_packs": len(data)}
+    tps, step = common.steady_state([{"tokens": per_step, "step_s": t} for t in times])
+    return {"tokens_per_s": tps, "median_step_s": step, "rows_or_packs": len(data)}
 
 
 def scoring(model_dir, data, a, threads: int) -> dict:
@@ -194,7 +186,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=["padded", "packed", "plain", "trl", "trl_padded", "qtuning", "score"])
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    common.set_env_defaults()
     threads = os.cpu_count() or 1
     res: dict = {"model": a.model, "rows": a.rows, "steps": a.steps, "mbs": a.mbs, "max_len": a.max_len,
                  "threads": threads}
@@ -239,7 +231,7 @@ def main() -> None:
         lines.append(f"5. scoring rows/s packed / padded:          {r['scoring']['packed']['rows_per_s'] / r['scoring']['padded']['rows_per_s']:.2f}x")
     print("\n".join(lines))
     if a.json:
-        Path(a.json).write_text(json.dumps({**res, "ratios": lines}, indent=1, default=str))
+        common.write_json(a.json, {**res, "ratios": lines}, indent=1)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ memory) and the peak RSS increase sampled by a thread (approximate: the allocato
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import threading
 import time
@@ -23,6 +24,7 @@ import time
 import torch
 import transformers
 
+import common
 from effsft.grpo import attention as pga
 from effsft.grpo import prefix_grouper as pgm
 from effsft.grpo.group_plan import build_plan
@@ -131,16 +133,6 @@ def fwd_bwd(model, fn, prompts, comps):
     loss.backward()
 
 
-def _timed(model, fn, prompts, comps, device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fwd_bwd(model, fn, prompts, comps)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def _memory(model, fn, prompts, comps, device):
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -164,7 +156,7 @@ def measure_all(model, paths, prompts, comps, warmup, reps, device):
     times = {k: [] for k in paths}
     for _ in range(reps):
         for k, fn in paths.items():
-            times[k].append(_timed(model, fn, prompts, comps, device))
+            times[k].append(common.timed(fwd_bwd, model, fn, prompts, comps, device=device)[1])
     out = {}
     for k, fn in paths.items():
         mem, rss = _memory(model, fn, prompts, comps, device)
@@ -213,8 +205,7 @@ def main(argv=None):
              "grouped": lambda m, p, c: pgm.completion_logprobs(m, p, c, grouped=True)}
     if not a.no_pkg:
         try:
-            import prefix_grouper  # noqa: F401
-
+            importlib.import_module("prefix_grouper")  # the optional package: its path only where it imports
             _register_pkg()
             paths["pkg"] = pkg_logprobs
         except ImportError:

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common  # noqa: E402
 from effsft.prune.blockwise import PruneSettings, prune_model  # noqa: E402
 from effsft.prune.calibration import calib_seqlen, make_windows, sample_calibration_with_info  # noqa: E402
 from effsft.prune.streaming import perplexity  # noqa: E402
@@ -102,9 +101,7 @@ def run(args) -> list[dict]:
                 cfg = PruneSettings(method=method, criterion=criterion, sparsity=s, alpha=args.alpha, stat=stat,
                                     owl_lambda=args.owl_lambda, owl_m=args.owl_m, device=args.device,
                                     batch_size=args.batch_size)
-                t0 = time.perf_counter()
-                rep = prune_model(model, calib, cfg)
-                prune_s = time.perf_counter() - t0
+                rep, prune_s = common.timed(prune_model, model, calib, cfg)
                 peak = peak_memory_mib(args.device)
                 ppl = perplexity(model, windows, args.device, args.batch_size)
                 rows.append({"method": method, "stat": stat, "criterion": criterion, "sparsity": s, "ppl": ppl,
@@ -151,7 +148,7 @@ def main(argv=None) -> None:
     print()
     print(table(rows))
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        common.write_json(args.out, {"args": vars(args), "rows": rows}, indent=2)
 
 
 if __name__ == "__main__":

@@ -29,17 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from effsft.corpus.synth import SynthSettings, write_synth  # noqa: E402
+import common  # noqa: E402
 from effsft.corpus.tokenize import render  # noqa: E402
 from effsft.models.tiny import build_tiny_model, build_tokenizer, corpus_texts  # noqa: E402
-
-
-def make_corpus(work: Path, rows: int, seed: int) -> Path:
-    out = work / "corpus"
-    if not (out / "eval.parquet").exists():
-        write_synth(SynthSettings(rows=rows, noise=0.0, dup=0.0, garbage=0.0, eval_rows=1000,
-                                  grpo_rows=8, shard_rows=10_000, seed=seed), out, progress=False)
-    return out
 
 
 def token_stream(tok, corpus: Path) -> torch.Tensor:
@@ -51,14 +43,6 @@ def token_stream(tok, corpus: Path) -> torch.Tensor:
         texts += [render(tok, m) for m in pq.read_table(f, columns=["messages"]).column("messages").to_pylist()]
     ids = tok(texts, add_special_tokens=False)["input_ids"]
     return torch.tensor([t for doc in ids for t in doc], dtype=torch.long)
-
-
-def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    frac = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def train_model(work: Path, corpus: Path, args) -> Path:
@@ -82,7 +66,7 @@ def train_model(work: Path, corpus: Path, args) -> Path:
         starts = torch.randint(0, stream.numel() - args.seqlen - 1, (args.batch,), generator=g)
         x = torch.stack([stream[s : s + args.seqlen] for s in starts.tolist()])  # [B, T]
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, warmup=max(1, args.steps // 20))
+            group["lr"] = common.warmup_cosine_lr(step, args.steps, args.lr, warmup=max(1, args.steps // 20))
         loss = model(input_ids=x, labels=x).loss  # HF shifts the labels inside
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -168,7 +152,8 @@ def main(argv=None) -> None:
     random.seed(args.seed)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    corpus = make_corpus(work, args.rows, args.seed)
+    corpus = common.synth_corpus(work / "corpus", clean=True, rows=args.rows, eval_rows=1000, grpo_rows=8,
+                                 shard_rows=10_000, seed=args.seed)
     model_dir = train_model(work, corpus, args)
     print(f"# model: {model_dir}", flush=True)
     if args.train_only:

@@ -20,6 +20,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import common
 from effsft.sft.qtuning_config import QTuningConfig
 from effsft.sft.qtuning_loss import qtuning_step_loss
 
@@ -35,11 +36,6 @@ def make_batch(step: int, args: argparse.Namespace, device: torch.device) -> dic
     attn = (pos < lengths[:, None]).long()
     labels = ids.masked_fill((pos < prompts[:, None]) | (attn == 0), -100)
     return {k: v.to(device) for k, v in dict(input_ids=ids, attention_mask=attn, labels=labels).items()}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -85,7 +81,7 @@ def main() -> None:
         names = names[step % len(names) :] + names[: step % len(names)]  # rotate the order each step
         for name in names:
             qcfg, mode = modes[name]
-            sync(device)
+            common.cuda_sync(device)
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             if qcfg is None:
@@ -94,7 +90,7 @@ def main() -> None:
                 loss, info = qtuning_step_loss(model, batch, qcfg, mode, step=step)
             loss.backward()
             opt.step()
-            sync(device)
+            common.cuda_sync(device)
             if step >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
                 if name == "two_pass":

@@ -20,21 +20,14 @@ import json
 import time
 from pathlib import Path
 
-from effsft.cli import main as effsft
+import common
 
 FAIR = [{"format": "last_number"}]
 
 
-def run(argv: list[str]) -> None:
-    rc = effsft(argv)
-    if rc != 0:
-        raise SystemExit(f"effsft {argv[0]} failed with exit code {rc}")
-
-
 def exact_match(model: Path, split: Path, out: Path, dtype: str) -> dict:
-    if not (out / "_SUCCESS").exists():
-        run(["eval", "--model", str(model), "--eval_split", str(split), "--output", str(out),
-             "--max_new_tokens", "96", f"model.dtype={dtype}", f"also={json.dumps(FAIR)}"])
+    common.effsft_job(["eval", "--model", str(model), "--eval_split", str(split), "--max_new_tokens", "96",
+                       f"model.dtype={dtype}", f"also={json.dumps(FAIR)}"], out)
     em = json.loads((out / "manifest.json").read_text())["metrics"]["exact_match"]
     return {"answer_prefix": em["accuracy"], "last_number": em["also"]["last_number"]["accuracy"],
             "per_task": em["per_task"], "per_task_last_number": em["also"]["last_number"]["per_task"]}
@@ -54,28 +47,27 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     out = Path(a.out)
-    corpus, t0 = out / "corpus", time.perf_counter()
-    if not (corpus / "_SUCCESS").exists():
-        run(["synth", "--rows", str(a.rows), "--noise", "0", "--dup", "0", "--length_spread", "0",
-             "--eval_rows", str(a.eval_rows), "--grpo_rows", "8", "--seed", str(a.seed), "--output", str(corpus),
-             "task_mix={arith: 1.0, count: 1.0}"])
+    from effsft.train.loop import read_metrics
+
+    t0 = time.perf_counter()
+    corpus = common.effsft_job(["synth", "--rows", str(a.rows), "--noise", "0", "--dup", "0", "--length_spread", "0",
+                                "--eval_rows", str(a.eval_rows), "--grpo_rows", "8", "--seed", str(a.seed),
+                                "task_mix={arith: 1.0, count: 1.0}"], out / "corpus")
     split = corpus / "eval.parquet"
     before = exact_match(Path(a.model), split, out / "eval_base", a.dtype)
-    sft = out / "sft"
-    if not (sft / "_SUCCESS").exists():
-        run(["sft", "--model", a.model, "--data", str(corpus / "train"), "--output", str(sft),
-             f"model.dtype={a.dtype}", "train.num_workers=1", f"train.max_steps={a.steps}", f"train.lr={a.lr}",
-             f"train.micro_batch_size={a.micro_batch_size}", f"tokenize.max_len={a.max_len}",
-             "train.warmup_steps=5", f"train.seed={a.seed}"])
+    sft = common.effsft_job(["sft", "--model", a.model, "--data", str(corpus / "train"), f"model.dtype={a.dtype}",
+                             "train.num_workers=1", f"train.max_steps={a.steps}", f"train.lr={a.lr}",
+                             f"train.micro_batch_size={a.micro_batch_size}", f"tokenize.max_len={a.max_len}",
+                             "train.warmup_steps=5", f"train.seed={a.seed}"], out / "sft")
     after = exact_match(sft / "model", split, out / "eval_sft", a.dtype)
     m = json.loads((sft / "manifest.json").read_text())
-    losses = [json.loads(x)["loss"] for x in (sft / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    losses = [r["loss"] for r in read_metrics(sft / "metrics.jsonl")]
     res = {"model": a.model, "steps": a.steps, "lr": a.lr, "micro_batch_size": a.micro_batch_size,
            "before": before, "after": after, "first_loss": losses[0], "final_loss": losses[-1],
            "loss_curve": [round(x, 4) for x in losses], "tokens_per_s": m["metrics"].get("tokens_per_s"),
            "train_s": m["metrics"].get("train_s"), "wall_s": round(time.perf_counter() - t0, 1),
            "loss_png": str(sft / "loss.png"), "report": str(sft / "report.md")}
-    (out / "result.json").write_text(json.dumps(res, indent=2))
+    common.write_json(out / "result.json", res, indent=2)
     print(f"exact match (Answer: rule)  before {before['answer_prefix']:.3f} -> after {after['answer_prefix']:.3f}")
     print(f"exact match (last number)   before {before['last_number']:.3f} -> after {after['last_number']:.3f}")
     print("per task (last number):      before", before["per_task_last_number"], "after", after["per_task_last_number"])

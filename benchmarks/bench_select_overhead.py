@@ -27,14 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-import _select_bench_common as common
+import common
 
 
 class TimedLMScorer:
@@ -67,12 +65,13 @@ class TimedLMScorer:
 
 def row_tokens(tok, messages_list, max_len: int) -> dict:
     """Per-row token counts of the passes each LM score runs (tiny BPE tokenizer)."""
-    from effsft.select.lm_scores import DEFAULT_IFD_HEADER, STATUS_OK, encode_pair
+    from effsft.corpus.tokenize import empty_prompt_ids
+    from effsft.select.lm_scores import STATUS_OK, encode_pair
     from effsft.select.selectit import RATING_PROMPTS, build_prompt_ids, conversation_pairs
 
     enc = [encode_pair(tok, m, max_len) for m in messages_list]
     ok = [e for e in enc if e.status == STATUS_OK]
-    header = 1 + len(tok(DEFAULT_IFD_HEADER, add_special_tokens=False)["input_ids"])
+    header = len(empty_prompt_ids(tok))  # the unconditioned pass: the template's empty prompt
     ce = np.array([len(e.prompt_ids) + len(e.answer_ids) for e in ok], np.float64)
     ans = np.array([len(e.answer_ids) for e in ok], np.float64)
     sel = []
@@ -168,6 +167,7 @@ def cost_model(rows_per_s: float, tbar: dict, params: float = 1.7e9, eta: float 
 
 
 def main() -> None:
+    common.set_env_defaults(ray=True)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=4000)
     ap.add_argument("--shards", type=int, default=4)
@@ -186,10 +186,14 @@ def main() -> None:
     if args.quick:
         args.rows, args.shards, args.size = 600, 2, "tiny"
         args.configs = args.configs or f"plain:1x{args.threads},ray:{args.threads}x1"
-    tmp = Path(args.workdir or tempfile.mkdtemp(prefix="selbench-ovh-"))
+    with common.work_dir(args.workdir, "selbench-ovh-") as tmp:
+        measure(args, tmp)
+
+
+def measure(args, tmp: Path) -> None:
     print(common.machine_line())
     corpus = common.make_corpus(tmp / f"corpus-{args.rows}", args.rows, -(-args.rows // args.shards))
-    model_dir = common.make_model(tmp / f"model-{args.size}", corpus, size=args.size)
+    model_dir = common.tiny_model(tmp / f"model-{args.size}", corpus, size=args.size)
     shards = sorted((corpus / "train").glob("shard-*.parquet"))
 
     import pyarrow.parquet as pq
@@ -251,8 +255,6 @@ def main() -> None:
     best = max((r for r in results if r["label"].startswith("plain")), key=lambda r: r["rows"] / r["score_s"])
     lines += cost_model(best["rows"] / best["score_s"], tbar)
     print("\n".join(lines))
-    if not args.workdir:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-import _select_bench_common as common
+import common
 
 
 def clean_rows(train_dir: Path) -> list[list[dict]]:
@@ -126,6 +124,7 @@ def method_runs(args) -> list[tuple[str, str, dict]]:
 
 
 def main() -> None:
+    common.set_env_defaults(ray=True)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=20_000)
     ap.add_argument("--noise", type=float, default=0.2)
@@ -143,8 +142,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.rows, args.budget, args.train_steps, args.zip_k = 3000, 300, 60, "300,40,20"
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="selbench-quality-"))
-    work.mkdir(parents=True, exist_ok=True)
+    with common.work_dir(args.workdir, "selbench-quality-") as work:
+        measure(args, work)
+
+
+def measure(args, work: Path) -> None:
     print(common.machine_line())
     t_all = time.perf_counter()
     corpus = common.make_corpus(work / f"synth-{args.rows}-{args.noise}-{args.dup}", args.rows,
@@ -154,10 +156,10 @@ def main() -> None:
     else:
         model_dir = work / f"model-{args.size}-trained{args.train_steps}"
         if not (model_dir / "trained.json").exists():
-            common.make_model(model_dir, corpus, size=args.size)
+            common.tiny_model(model_dir, corpus, size=args.size)
             print(f"training the {args.size} model on the clean rows ({common.load_line()})", flush=True)
             info = train_model(model_dir, corpus, args.train_steps, args.train_batch, args.lr, max_len=512)
-            (model_dir / "trained.json").write_text(json.dumps(info, indent=1))
+            common.write_json(model_dir / "trained.json", info, indent=1)
         info = json.loads((model_dir / "trained.json").read_text())
         print(f"trained: {info}")
 
@@ -179,9 +181,7 @@ def main() -> None:
                                                     "micro_batch_size": 16, "max_len": 1024},
                 "zip": {"mode": "window", "workers": 2, "k1": k1, "k2": k2, "k3": k3},
                 "embed": {"kind": "lexical"}, "plots": False, "overwrite": True, **extra}
-        t = time.perf_counter()
-        out = run_select(build_config(SelectConfig, data))
-        secs[label] = time.perf_counter() - t
+        out, secs[label] = common.timed(run_select, build_config(SelectConfig, data))
         res[label] = picked_labels(Path(out["output"]))
         print(f"{label}: {secs[label]:.1f}s noisy {res[label][0].mean():.3f} dup {res[label][1].mean():.3f} "
               f"({common.load_line()})", flush=True)
@@ -202,8 +202,6 @@ def main() -> None:
         n, d = noisy.mean(), dup.mean()
         print(f"| {label} | {n:.3f} | {n / p_noisy:.2f} | {100 * (n - rm[0]):+.1f} ± {100 * rs[0]:.1f} | "
               f"{d:.3f} | {d / p_dup:.2f} | {100 * (d - rm[1]):+.1f} ± {100 * rs[1]:.1f} | {secs[label]:.1f} |")
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-import _select_bench_common as common
+import common
 
 
 class MemSampler:
@@ -88,6 +86,7 @@ def base_config(args, corpus_train: Path, model_dir: Path, work: Path, method: s
 
 
 def main() -> None:
+    common.set_env_defaults(ray=True, RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S="300")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--corpus", default=None, help="existing corpus dir (Parquet/JSONL shards); skips synth")
@@ -106,8 +105,11 @@ def main() -> None:
     if args.quick:
         args.rows, args.shard_rows, args.budget = 20_000, 5_000, 1000
         args.zip_budget, args.zip_k1, args.zip_k2, args.zip_k3 = 1000, 2000, 200, 100
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="selbench-scale-"))
-    work.mkdir(parents=True, exist_ok=True)
+    with common.work_dir(args.workdir, "selbench-scale-") as work:
+        measure(args, work)
+
+
+def measure(args, work: Path) -> None:
     print(common.machine_line())
 
     from effsft.config import build_config
@@ -121,7 +123,7 @@ def main() -> None:
     else:
         syn = common.make_corpus(work / f"synth-{args.rows}", args.rows, min(args.shard_rows, 50_000))
         corpus_train, tok_src = syn / "train", syn
-    model_dir = common.make_model(work / "model-tiny", tok_src, size="tiny")  # tokenizer for length
+    model_dir = common.tiny_model(work / "model-tiny", tok_src, size="tiny")  # tokenizer for length
     common.init_local_ray()
     with MemSampler() as idle:
         time.sleep(1.0)
@@ -171,10 +173,7 @@ def main() -> None:
         st = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
         print(f"| {r['step']} | {r['wall_s']:.1f} | {st} | {mb(r['driver'])} | {mb(r['workers'])} | "
               f"{mb(r['total'])} | {r['note']} |")
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "300")
     main()

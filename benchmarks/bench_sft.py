@@ -19,21 +19,7 @@ from pathlib import Path
 
 import torch
 
-
-def _build_inputs(tmp: Path, rows: int, size: str, seed: int) -> tuple[Path, Path]:
-    from effsft.corpus.synth import SynthSettings, write_synth
-    from effsft.models.tiny import write_tiny_model
-
-    corpus = tmp / "corpus"
-    write_synth(SynthSettings(rows=rows, noise=0.0, dup=0.0, garbage=0.0, eval_rows=8, grpo_rows=8,
-                              seed=seed), corpus, progress=False)
-    model = write_tiny_model(tmp / "model", "llama", corpus=str(corpus), seed=seed, size=size)
-    return corpus / "train", model
-
-
-def _steady(rows: list[dict]) -> float:
-    rest = rows[1:] or rows
-    return sum(r["tokens"] for r in rest) / sum(r["step_s"] for r in rest)
+import common
 
 
 def run_effsft(model: Path, data: Path, out: Path, workers: int, args) -> dict:
@@ -50,7 +36,7 @@ def run_effsft(model: Path, data: Path, out: Path, workers: int, args) -> dict:
     t0 = time.perf_counter()
     run_sft(cfg)
     rows = read_metrics(out / "metrics.jsonl")
-    return {"tokens_per_s": _steady(rows), "wall_s": time.perf_counter() - t0,
+    return {"tokens_per_s": common.steady_state(rows)[0], "wall_s": time.perf_counter() - t0,
             "final_loss": rows[-1]["loss"]}
 
 
@@ -82,7 +68,7 @@ def run_baseline(model_dir: Path, data: Path, args, threads: int) -> dict:
         opt.zero_grad(set_to_none=True)
         rows.append({"tokens": int(batch["attention_mask"].sum()), "step_s": time.perf_counter() - t0,
                      "loss": float(loss)})
-    return {"tokens_per_s": _steady(rows), "final_loss": rows[-1]["loss"]}
+    return {"tokens_per_s": common.steady_state(rows)[0], "final_loss": rows[-1]["loss"]}
 
 
 def main() -> None:
@@ -101,7 +87,9 @@ def main() -> None:
 
     setup_logging("WARNING")
     tmp = Path(tempfile.mkdtemp(prefix="bench-sft-"))
-    data, model = _build_inputs(tmp, args.rows, args.size, args.seed)
+    corpus = common.synth_corpus(tmp / "corpus", clean=True, rows=args.rows, eval_rows=8, grpo_rows=8,
+                                 seed=args.seed)
+    data, model = corpus / "train", common.tiny_model(tmp / "model", corpus, size=args.size, seed=args.seed)
     init_ray()
     results = {"baseline_1thread": run_baseline(model, data, args, 1),
                f"baseline_{os.cpu_count()}threads": run_baseline(model, data, args, os.cpu_count() or 1)}

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import common
 import effsft.sft.qtuning_loss as qtl
 from effsft.corpus.synth import SynthSettings, heldout_rows, train_rows
 from effsft.corpus.tokenize import IGNORE_INDEX, collate, encode_chat, render
@@ -197,14 +197,6 @@ class NoiseCounter:
 
 # ---- one run ---------------------------------------------------------------------------------
 
-def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
-    """Linear warm-up then cosine decay to 10%."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
-
-
 def train_one(name: str, seed: int, rows: list[Row], tok, ev: list[dict], args) -> dict:
     spec = QTuningSpec(**METHODS[name])
     hook = SFTLoss(spec, chunk_tokens=1024, seed=seed)  # exactly what the sft job's loop calls
@@ -220,7 +212,7 @@ def train_one(name: str, seed: int, rows: list[Row], tok, ev: list[dict], args) 
         for step, idx in enumerate(plan):
             batch, noisy, answer = make_batch([rows[i] for i in idx], tok.pad_token_id)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, len(plan), args.lr, args.warmup)
+                g["lr"] = common.warmup_cosine_lr(step, len(plan), args.lr, args.warmup)
             ctx = StepContext(step=step, micro_step=0, grad_accum=1, rank=0, world_size=1,
                               device=torch.device("cpu"))
             tap.last = None
@@ -360,8 +352,7 @@ def main(argv=None) -> None:
               f"train {r['train_s']:.0f}s eval {r['eval_s']:.0f}s per_task "
               + json.dumps({k: round(v, 3) for k, v in r["per_task"].items()}), flush=True)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"args": vars(args), "results": results}, f, indent=1)
+            common.write_json(args.json, {"args": vars(args), "results": results}, indent=1)
 
     if args.jobs <= 1:
         for m, s in runs:

@@ -12,11 +12,11 @@ Prints, for a synthetic corpus with templated / duplicated rows:
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 from scipy.stats import spearmanr
 
+import common
 from effsft.select import zip as Z
 from effsft.select.ranking import random_rank
 
@@ -56,18 +56,16 @@ def main() -> None:
     rows = Z.serialize_rows(msgs, "reference")
     ranks = random_rank([f"row{i}" for i in range(len(rows))], args.seed)
     fmt = Z.ser_format("reference")
-    t0 = time.perf_counter()
-    g = Z.g_scores(rows, fmt)
-    print(f"rows {len(rows)}, mean size {np.mean([len(r) for r in rows]):.0f} B, g in {time.perf_counter() - t0:.2f}s")
+    g, t_g = common.timed(Z.g_scores, rows, fmt)
+    print(f"rows {len(rows)}, mean size {np.mean([len(r) for r in rows]):.0f} B, g in {t_g:.2f}s")
 
     pmap = Z.ProcessMap(args.workers) if args.workers > 1 else None
     results = {}
     for mode in ("exact", "window"):
-        t0 = time.perf_counter()
-        res = Z.zip_select(rows, args.budget, ranks, k1=args.k1, k2=args.k2, k3=args.k3, mode=mode, g=g,
-                           map_fn=pmap or Z.serial_map)
+        res, t_sel = common.timed(Z.zip_select, rows, args.budget, ranks, k1=args.k1, k2=args.k2, k3=args.k3,
+                                  mode=mode, g=g, map_fn=pmap or Z.serial_map)
         results[mode] = res
-        print(f"{mode:6s}: {time.perf_counter() - t0:8.2f}s  final C(S) {res.trace_ratio[-1]:.3f}")
+        print(f"{mode:6s}: {t_sel:8.2f}s  final C(S) {res.trace_ratio[-1]:.3f}")
     if pmap:
         pmap.close()
     a, b = set(results["exact"].picked.tolist()), set(results["window"].picked.tolist())
@@ -79,12 +77,8 @@ def main() -> None:
     rest = np.setdiff1d(np.arange(len(rows)), results["exact"].picked)
     cand = np.random.default_rng(args.seed).choice(rest, min(args.sample, len(rest)), replace=False)
     cands = [rows[i] for i in cand]
-    t0 = time.perf_counter()
-    ex = Z.score_exact(S.task("exact", cands))
-    t_ex = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    win = Z.score_window(S.task("window", cands))
-    t_win = time.perf_counter() - t0
+    ex, t_ex = common.timed(Z.score_exact, S.task("exact", cands))
+    win, t_win = common.timed(Z.score_window, S.task("window", cands))
     k2 = min(args.k2, len(cand))
     overlap = len(set(np.argsort(ex)[:k2]) & set(np.argsort(win)[:k2])) / k2
     print(f"step 2 on {len(cand)} candidates vs |ser(S)| = {len(S.body) / 1e6:.2f} MB: exact {t_ex:.2f}s, "

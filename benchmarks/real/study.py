@@ -46,6 +46,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))  # benchmarks/, for the helper module the benchmark scripts share
+import common  # noqa: E402
+
 DATA = HERE / "data"
 TASKS = ("arith", "count", "format", "string")
 # A fair rule per task for a chat model that never writes "Answer:" (reported beside the default).
@@ -83,15 +86,15 @@ def log(msg: str) -> None:
 
 def job(argv: list[str], out: Path) -> Path:
     """Run one effsft job into ``out`` unless it is already complete (resume)."""
-    from effsft.cli import main
+    rel = out.relative_to(out.parents[1]) if len(out.parents) > 1 else out
+    return common.effsft_job(argv, out, announce=lambda: log(f"effsft {argv[0]} -> {rel}"))
 
-    if (out / "_SUCCESS").exists():
-        return out
-    log(f"effsft {argv[0]} -> {out.relative_to(out.parents[1]) if len(out.parents) > 1 else out}")
-    rc = main([*argv, "--output", str(out)])
-    if rc != 0:
-        raise SystemExit(f"effsft {argv[0]} for {out} failed (exit {rc})")
-    return out
+
+def metrics(out: Path) -> list[dict]:
+    """The job's per-step metrics (``metrics.jsonl``)."""
+    from effsft.train.loop import read_metrics
+
+    return read_metrics(out / "metrics.jsonl")
 
 
 def manifest(out: Path) -> dict:
@@ -197,7 +200,7 @@ def sft_arms(S, model, pool, split, work) -> list[dict]:
             out = sft(model, pool / "train", work / f"sft_{arm}_s{seed}", S, seed, S["sft_steps"], q)
             m = manifest(out)
             em = exact_match(out / "model", split, work / f"eval_sft_{arm}_s{seed}", S)
-            steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            steps = metrics(out)
             step_s = statistics.median(r["step_s"] for r in steps[1:]) if len(steps) > 1 else None
             for task in [*TASKS, "mean"]:
                 rows.append({"arm": arm, "seed": seed, "task": task, "em": em[task]["em"],
@@ -269,7 +272,7 @@ def grpo_arms(S, sft_model, pool, work) -> dict:
                    f"max_completion_length={S['max_new_tokens']}", f"prefix_grouping={pg}", "reward.mode=inline",
                    "rollout.num_threads=2", "temperature=1.0"], work / f"grpo_pg_{pg}")
         m = manifest(out)
-        steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        steps = metrics(out)
         res["with_pg" if pg == "on" else "without_pg"] = {
             "reward": [r.get("reward_mean") for r in steps], "loss": [r["loss"] for r in steps],
             "step_s": [r["step_s"] for r in steps],
@@ -332,6 +335,12 @@ def summarise(study: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def _save(fig, plt, name: str) -> None:
+    fig.tight_layout()
+    fig.savefig(HERE / name, dpi=120)
+    plt.close(fig)
+
+
 def plots(study: dict) -> None:
     import matplotlib
 
@@ -348,9 +357,7 @@ def plots(study: dict) -> None:
     ax.set_ylabel("exact match (mean over tasks)")
     ax.set_title("SFT arms, 3 seeds")
     plt.xticks(rotation=30, ha="right")
-    fig.tight_layout()
-    fig.savefig(HERE / "sft_arms.png", dpi=120)
-    plt.close(fig)
+    _save(fig, plt, "sft_arms.png")
 
     sel = [(f"{r['method']}{'' if r['method'] != 'random' else r['seed']}", r["em"]) for r in study.get("select", [])
            if r["task"] == "mean" and r.get("em") is not None]
@@ -372,9 +379,7 @@ def _select_plot(fig, ax, sel, plt) -> None:
     ax.set_ylabel("exact match")
     ax.set_title("selection at 10 %, then SFT")
     plt.xticks(rotation=30, ha="right")
-    fig.tight_layout()
-    fig.savefig(HERE / "select_methods.png", dpi=120)
-    plt.close(fig)
+    _save(fig, plt, "select_methods.png")
 
 
 def _prune_plot(study, plt) -> None:
@@ -388,9 +393,7 @@ def _prune_plot(study, plt) -> None:
         ax.set_xlabel("sparsity")
         ax.set_ylabel("perplexity (stdlib docstrings)")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(HERE / "prune_ppl.png", dpi=120)
-    plt.close(fig)
+    _save(fig, plt, "prune_ppl.png")
 
 
 def _grpo_plot(study, plt) -> None:
@@ -400,9 +403,7 @@ def _grpo_plot(study, plt) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("mean reward")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(HERE / "grpo_reward.png", dpi=120)
-    plt.close(fig)
+    _save(fig, plt, "grpo_reward.png")
 
 
 def main() -> None:
@@ -412,7 +413,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "study"))
     ap.add_argument("--only", nargs="*", default=["base", "sft", "select", "prune", "grpo"])
     a = ap.parse_args()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    common.set_env_defaults()
     S = SIZES[a.size]
     work = Path(a.out) / a.size
     work.mkdir(parents=True, exist_ok=True)
@@ -437,7 +438,7 @@ def main() -> None:
 
     def save(part: str) -> None:  # after every part: an interrupted study keeps what it measured
         study["wall_s_this_run"] = round(time.time() - t0, 1)
-        study_path.write_text(json.dumps(study, indent=1, default=str))
+        common.write_json(study_path, study, indent=1)
         log(f"{part} done ({time.time() - t0:.0f} s): {study_path}")
 
     if "base" in a.only:
